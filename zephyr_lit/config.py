@@ -1,0 +1,65 @@
+"""Config resolvers and the up-front config check (every problem reported at once)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from zephyr_lit.errors import ConfigError
+from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, check_attention
+from zephyr_lit.schedule import SCHEDULES
+
+
+def _asset(name: str) -> str:
+    from zephyr_lit.assets import asset_path
+
+    return asset_path(name)
+
+
+def register_resolvers() -> None:
+    """``${asset:tiny-mistral}``: absolute path of a file shipped in ``zephyr_lit/assets``."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset)
+
+
+register_resolvers()
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every invalid value in ``cfg``, as ``key=value: what is wrong`` lines."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)}: {why}")
+
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    need(cfg.optim.scheduler in SCHEDULES, "optim.scheduler", f"must be one of {', '.join(SCHEDULES)}")
+    need(cfg.data.max_length >= 16, "data.max_length", "must be >= 16")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(bool(cfg.data.path), "data.path", "must name a hub data set, a local folder or a file")
+    need(
+        cfg.model.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+        "model.attn_implementation",
+        f"must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}",
+    )
+    need(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+    need(
+        cfg.trainer.max_steps > 0 or (cfg.trainer.max_epochs or 0) > 0,
+        "trainer.max_epochs",
+        "set trainer.max_epochs > 0 or trainer.max_steps > 0 (training would never end)",
+    )
+    if not problems and cfg.model.attn_implementation == "flash_attention_2":
+        try:
+            check_attention(cfg.model.attn_implementation)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one ``ConfigError`` listing every problem, before any data or model is touched."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))

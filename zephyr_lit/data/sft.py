@@ -1,0 +1,206 @@
+"""The dSFT data module: chat rows (UltraChat schema) -> validated, tokenised, optionally packed batches.
+
+``prepare(tokenizer)`` does all the data work (load, check every row, tokenise through
+``datasets.map`` with a stable fingerprint so a second run reuses the Arrow cache) and is called
+before any model is built, so bad data fails fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from zephyr_lit.data.collate import pad_batch
+from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
+from zephyr_lit.data.load import Split, load_split
+from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
+from zephyr_lit.data.tokenize import IGNORE_INDEX, pack_sequences, tokenize_conversation
+from zephyr_lit.data.validate import check_messages, require_columns, where
+from zephyr_lit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitStats:
+    """What happened to one split's rows: kept, truncated and dropped (no label left after truncation)."""
+
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    label_tokens: int = 0
+
+
+def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, assistant_only_loss, source, split):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": []}
+    for messages, index in zip(batch["messages"], indices):
+        check_messages(messages, where(source, split, index))
+        tokens = tokenize_conversation(messages, tokenizer, max_length, assistant_only_loss)
+        out["input_ids"].append(tokens.input_ids)
+        out["labels"].append(tokens.labels)
+        out["num_labels"].append(sum(label != IGNORE_INDEX for label in tokens.labels))
+        out["truncated"].append(tokens.truncated)
+    return out
+
+
+def _pack_rows(batch: dict, *, max_length: int) -> dict:
+    rows = pack_sequences(batch["input_ids"], batch["labels"], max_length)
+    rows["num_labels"] = [sum(label != IGNORE_INDEX for label in labels) for labels in rows["labels"]]
+    return rows
+
+
+def _check_row(row: dict, at: str) -> None:
+    check_messages(row.get("messages"), at)
+
+
+@dataclass(eq=False)
+class SFTDataModule(L.LightningDataModule):
+    """Config fields mirror ``conf/data/*.yaml``; see the README for their meaning."""
+
+    path: str
+    train_split: str = "train_sft"
+    test_split: str = "test_sft"
+    max_length: int = 2048
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    assistant_only_loss: bool = True
+    packing: bool = False
+    pad_to_multiple_of: int | None = 8
+    num_proc: int | None = None
+    num_workers: int = 0
+    cache_dir: str | None = None
+    shuffle: bool = True
+    seed: int = 42
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    exact_match_path: str | None = None
+    stats: dict[str, SplitStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self.train_set: datasets.Dataset | None = None
+        self.val_set: datasets.Dataset | None = None
+        self.exact_match: list[dict] = []
+        self.pad_id: int | None = None
+
+    # ---- data work, before any model exists -------------------------------------------------
+    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Load, check, tokenise (and pack) both splits; load the exact-match prompts."""
+        self.pad_id = tokenizer.pad_token_id
+        self.train_set = self._build(self._load(self.train_split, self.max_train_samples), tokenizer)
+        self.val_set = self._build(self._load(self.test_split, self.max_eval_samples), tokenizer)
+        if self.exact_match_path:
+            self.exact_match = load_exact_match(self.exact_match_path)
+
+    def _load(self, split: str, limit: int | None) -> Split:
+        loaded = load_split(self.path, split, self.cache_dir, row_check=_check_row)
+        require_columns(loaded.dataset.column_names, ("messages",), loaded.source, split)
+        if limit is not None and limit < len(loaded.dataset):
+            loaded.dataset = loaded.dataset.select(range(limit))
+        return loaded
+
+    def _build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+        settings = [split.dataset._fingerprint, tokenizer_fingerprint(tokenizer), self.max_length, self.assistant_only_loss]
+        tokenized = split.dataset.map(
+            functools.partial(
+                _tokenize_rows,
+                tokenizer=tokenizer,
+                max_length=self.max_length,
+                assistant_only_loss=self.assistant_only_loss,
+                source=split.source,
+                split=split.name,
+            ),
+            batched=True,
+            with_indices=True,
+            remove_columns=split.dataset.column_names,
+            num_proc=self.num_proc,
+            new_fingerprint=fingerprint("sft-tokenize", *settings),
+            desc=f"Tokenising {split.name}",
+        )
+        stats = SplitStats(rows=len(tokenized), truncated=sum(tokenized["truncated"]))
+        kept = tokenized.filter(
+            lambda n: [count > 0 for count in n], input_columns="num_labels", batched=True,
+            new_fingerprint=fingerprint("sft-keep", *settings),
+        )
+        stats.dropped = len(tokenized) - len(kept)
+        if len(kept) == 0:
+            raise DataError(f"{split.source} split '{split.name}': no row has a trainable token within data.max_length={self.max_length}")
+        if self.packing:
+            kept = kept.map(
+                functools.partial(_pack_rows, max_length=self.max_length),
+                batched=True,
+                batch_size=1000,
+                remove_columns=kept.column_names,
+                new_fingerprint=fingerprint("sft-pack", *settings),
+                desc=f"Packing {split.name}",
+            )
+        stats.label_tokens = sum(kept["num_labels"])
+        self.stats[split.name] = stats
+        if stats.truncated or stats.dropped:
+            log.warning(
+                "%s split '%s': %d of %d conversations longer than data.max_length=%d were truncated; "
+                "%d with no assistant token left were dropped",
+                split.source, split.name, stats.truncated, stats.rows, self.max_length, stats.dropped,
+            )
+        return kept.select_columns([c for c in ("input_ids", "labels", "position_ids", "num_labels") if c in kept.column_names])
+
+    # ---- loaders -------------------------------------------------------------------------
+    def _collate(self):
+        return functools.partial(pad_batch, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank, accumulate = self._world()
+        sampler = WindowBatchSampler(
+            self.train_set["num_labels"], self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
+        )
+        if len(sampler) == 0:
+            raise DataError(
+                f"{self.path} split '{self.train_split}': {len(self.train_set)} rows are fewer than one global "
+                f"micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
+            )
+        return DataLoader(
+            WindowedDataset(self.train_set.with_format(None)),
+            batch_sampler=sampler,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        world_size, rank, _ = self._world()
+        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
+        return DataLoader(
+            shard.with_format(None),
+            batch_size=self.eval_batch_size or self.batch_size,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
+
+
+def load_exact_match(path: str) -> list[dict]:
+    """Rows ``{prompt_id, messages, answer}``: prompts with one checkable answer."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            at = f"{path} row {index}"
+            if not isinstance(row.get("answer"), str):
+                raise DataError(f"{at}: field 'answer' must be a string")
+            check_messages([*row.get("messages", []), {"role": "assistant", "content": row["answer"]}], at)
+            rows.append(row)
+    return rows

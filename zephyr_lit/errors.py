@@ -1,0 +1,13 @@
+"""Errors a user can fix: bad data, bad config. The entry point prints them as one line."""
+
+
+class UserInputError(ValueError):
+    """Something in the user's data or config is wrong; the message says what, where and what to do."""
+
+
+class DataError(UserInputError):
+    """A data row breaks the schema. Raised before any model is loaded."""
+
+
+class ConfigError(UserInputError):
+    """One or more config values are invalid; all problems are listed in one message."""

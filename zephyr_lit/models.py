@@ -1,0 +1,78 @@
+"""Build the tokenizer and the causal LM from ``conf/model/*.yaml``: hub name or local folder, one path."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from zephyr_lit.chat import ZEPHYR_CHAT_TEMPLATE
+from zephyr_lit.errors import ConfigError
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """What to load. ``random_init`` builds the architecture from ``config.json`` alone (seeded by
+    ``init_seed``): the embedded default ships a config, no weights."""
+
+    name_or_path: str
+    tokenizer_name_or_path: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    random_init: bool = False
+    init_seed: int = 0
+    trust_remote_code: bool = False
+
+
+def check_attention(implementation: str) -> None:
+    """Raise a clear error for an unknown implementation or a missing flash-attn package."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation={implementation!r} is unknown; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA only): "
+            "pip install 'zephyr-lit[gpu]', or set model.attn_implementation=sdpa"
+        )
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer with the Zephyr chat template; pad = eos when it has no pad token (as Zephyr)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.tokenizer_name_or_path or spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(spec: ModelSpec) -> PreTrainedModel:
+    """Load (or random-init) the model in train mode, with the configured attention and dtype."""
+    check_attention(spec.attn_implementation)
+    dtype = DTYPES[spec.dtype]
+    if spec.random_init:
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=dtype,
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.train()  # from_pretrained returns eval mode

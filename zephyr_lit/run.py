@@ -1,0 +1,101 @@
+"""``train(cfg)``: check config -> data -> module -> trainer -> fit -> export -> summary.
+
+Everything a run writes lands under ``paths.output_dir``:
+``model/`` (the export), ``checkpoints/last.ckpt``, ``metrics.csv``, ``wandb/``, ``summary.json``
+(and Hydra's ``.hydra/`` and ``train.log`` when launched through ``train.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from zephyr_lit.config import check_config
+from zephyr_lit.export import export_model, point_latest
+from zephyr_lit.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, strategy=instantiate(cfg.strategy))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt`` (a fresh start when there is none yet)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return str(last)
+    log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+    return None
+
+
+def final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bool = True) -> dict:
+    """Run one experiment described by ``cfg`` and return its summary (also in ``summary.json``)."""
+    started = time.time()
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    model_spec = instantiate(cfg.model)
+    tokenizer = load_tokenizer(model_spec)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare(tokenizer)  # every row checked and tokenised before the model exists
+
+    module = instantiate(
+        cfg.module,
+        model=model_spec,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=cfg.optim.scheduler,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        tokenizer=tokenizer,
+        exact_match=datamodule.exact_match,
+    )
+    trainer = build_trainer(cfg, output_dir)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+
+    export_dir = output_dir / "model"
+    if trainer.is_global_zero:
+        export_model(module.model, tokenizer, export_dir)
+    trainer.strategy.barrier()
+    summary = {
+        "experiment": cfg.experiment_name,
+        "output_dir": str(output_dir),
+        "export_dir": str(export_dir),
+        "global_step": trainer.global_step,
+        "metrics": final_metrics(trainer),
+        "overrides": list(overrides or []),
+        "data": {name: vars(stats) for name, stats in datamodule.stats.items()},
+        "duration_s": round(time.time() - started, 1),
+    }
+    if trainer.is_global_zero:
+        write_summary(output_dir / "summary.json", summary)
+        if update_latest:
+            point_latest(Path(cfg.paths.root).resolve() / cfg.experiment_name / "latest", output_dir)
+        print(f"Exported model: {export_dir}")
+        print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items()))
+    return summary
