@@ -64,8 +64,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     datamodule = instantiate(cfg.data)
     datamodule.prepare(tokenizer)  # every row checked and tokenised before the model exists
 
-    module = instantiate(
-        cfg.module,
+    module = instantiate(cfg.module, _partial_=True)(
         model=model_spec,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=cfg.optim.scheduler,

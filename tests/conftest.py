@@ -1,0 +1,49 @@
+"""Shared fixtures: compose the real Hydra config with test overrides, outputs in a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import zephyr_lit.config  # noqa: F401  (registers ${asset:...})
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A few fast steps on the embedded default, CSV logging only, nothing written outside tmp.
+FAST = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.max_train_samples=256",
+    "data.max_eval_samples=64",
+]
+
+
+def compose_config(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> Path:
+    """One datasets cache for the whole session, away from the user's ~/.cache."""
+    return tmp_path_factory.mktemp("hf-datasets-cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, hf_cache):
+    """``make_cfg(*overrides, fast=True)``: the composed config, writing under ``tmp_path``."""
+
+    def make(*overrides: str, fast: bool = True, output_dir: Path | None = None):
+        base = [
+            f"paths.root={tmp_path / 'outputs'}",
+            f"paths.output_dir={output_dir or tmp_path / 'outputs' / 'run'}",
+            f"data.cache_dir={hf_cache}",
+        ]
+        return compose_config(base + (FAST if fast else []) + list(overrides))
+
+    return make

@@ -1,0 +1,68 @@
+"""Every config group composes; everything that can be built on CPU without the hub instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, compose_config
+
+GROUPS = ["model", "data", "module", "optim", "strategy", "trainer", "logger", "callbacks", "paths"]
+HUB_ONLY = {("model", "mistral-7b"), ("data", "ultrachat_200k")}  # need the hub: compose only
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_builds(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}", f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    if (group, option) in HUB_ONLY or group in ("paths", "module"):
+        return
+    node = cfg[group]
+    built = [instantiate(v) for v in node.values()] if group in ("logger", "callbacks") else instantiate(node)
+    assert built is not None
+
+
+def test_bare_config_is_the_embedded_dsft(tmp_path):
+    bare = compose_config([f"paths.output_dir={tmp_path}"])
+    dsft = compose_config(["+experiment=dsft", f"paths.output_dir={tmp_path}"])
+    assert bare.experiment_name == dsft.experiment_name == "dsft"
+    assert bare.model.random_init and "tiny-mistral" in bare.model.name_or_path
+    assert bare.data.train_split == "train_sft"
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")))
+def test_experiments_are_global_packages_that_open_with_their_command(experiment):
+    text = (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert f"python train.py +experiment={experiment}" in text.splitlines()[1]
+    compose_config([f"+experiment={experiment}"])
+
+
+def test_public_override_keys_exist():
+    cfg = compose_config([])
+    for key in ["model.name_or_path", "model.attn_implementation", "data.path", "data.max_length",
+                "data.batch_size", "data.train_split", "data.test_split", "optim.lr", "optim.weight_decay",
+                "optim.warmup_ratio", "optim.scheduler", "trainer.max_epochs", "trainer.max_steps",
+                "trainer.accumulate_grad_batches", "seed", "paths.root", "paths.output_dir"]:
+        assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key == "paths.output_dir", key
+    assert cfg.paths.root == "outputs"
+    assert cfg.optim.weight_decay == 0.0 and cfg.trainer.gradient_clip_val == 1.0
+
+
+def test_default_output_dir_is_root_experiment_timestamp():
+    cfg = compose_config(["paths.root=/somewhere"])
+    parts = Path(cfg.paths.output_dir).parts
+    assert parts[:3] == ("/", "somewhere", "dsft") and len(parts) == 4
+
+
+def test_wandb_is_offline_by_default_and_holds_no_key():
+    cfg = compose_config([])
+    assert cfg.logger.wandb.offline is True
+    assert "api_key" not in OmegaConf.to_yaml(cfg).lower()
