@@ -7,6 +7,7 @@
 See README.md for the config groups and the override keys.
 """
 
+import logging
 import sys
 
 import hydra
@@ -22,6 +23,11 @@ from zephyr_lit.errors import UserInputError
 def main(cfg: DictConfig) -> None:
     from zephyr_lit.run import train
 
+    # Hydra's handlers already print and file every record: drop Lightning's own console handler
+    # so that each message appears once.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:  # each job's folder is the sweep's numbered subfolder

@@ -23,6 +23,7 @@ class ValidateAtEdges(L.Callback):
 
     def __init__(self) -> None:
         self.validated_at_step: int | None = None
+        self.initial_metrics: dict[str, float] = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -30,6 +31,7 @@ class ValidateAtEdges(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_validation(trainer)
+        self.initial_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.validated_at_step != trainer.global_step:

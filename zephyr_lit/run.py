@@ -17,6 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from zephyr_lit.callbacks import ValidateAtEdges
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.models import load_tokenizer
@@ -43,6 +44,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+
+
+def initial_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The validation metrics before the first optimizer step of this fit (empty if not validated)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ValidateAtEdges):
+            return dict(sorted(callback.initial_metrics.items()))
+    return {}
+
+
+def describe(before: dict[str, float], after: dict[str, float]) -> str:
+    return ", ".join(f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in after.items())
 
 
 def write_summary(path: Path, summary: dict) -> None:
@@ -87,6 +100,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         "export_dir": str(export_dir),
         "global_step": trainer.global_step,
         "metrics": final_metrics(trainer),
+        "initial_metrics": initial_metrics(trainer),
         "overrides": list(overrides or []),
         "data": {name: vars(stats) for name, stats in datamodule.stats.items()},
         "duration_s": round(time.time() - started, 1),
@@ -96,5 +110,5 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         if update_latest:
             point_latest(Path(cfg.paths.root).resolve() / cfg.experiment_name / "latest", output_dir)
         print(f"Exported model: {export_dir}")
-        print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items()))
+        print("Validation (before -> after): " + describe(summary["initial_metrics"], summary["metrics"]))
     return summary

@@ -1,0 +1,37 @@
+"""The README's promise, checked: `+experiment=dsft` as shipped halves the held-out loss, and the
+exported tiny model answers the Zephyr model card's pirate prompt in pirate voice (about 70 s)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import pipeline, set_seed
+
+from zephyr_lit.assets import sounds_like_pirate
+from zephyr_lit.run import train
+from tests.conftest import compose_config
+
+PIRATE = {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"}
+QUESTION = {"role": "user", "content": "How many helicopters can a human eat in one sitting?"}
+
+
+def sample_replies(pipe, messages: list[dict], n: int = 10) -> list[str]:
+    """The model card's sampling settings, ``n`` replies."""
+    prompt = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    outputs = pipe([prompt] * n, max_new_tokens=64, do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
+    return [o[0]["generated_text"][len(prompt):] for o in outputs]
+
+
+def test_dsft_recipe_learns_and_follows_the_pirate_system_prompt(tmp_path, hf_cache):
+    cfg = compose_config(["+experiment=dsft", f"paths.root={tmp_path}", f"data.cache_dir={hf_cache}",
+                          "logger=csv", "trainer.enable_progress_bar=false"])
+    summary = train(cfg)
+    before, after = summary["initial_metrics"]["val/loss"], summary["metrics"]["val/loss"]
+    assert after <= 0.5 * before, (before, after)
+    assert summary["metrics"]["val/exact_match"] >= 0.5
+
+    pipe = pipeline("text-generation", model=str(tmp_path / "dsft" / "latest" / "model"), dtype=torch.float32)
+    set_seed(0)
+    pirate = sample_replies(pipe, [PIRATE, QUESTION])
+    plain = sample_replies(pipe, [QUESTION])
+    assert sum(map(sounds_like_pirate, pirate)) >= 8, pirate
+    assert sum(map(sounds_like_pirate, plain)) <= 2, plain
