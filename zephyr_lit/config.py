@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
+from zephyr_lit.data.load import looks_local
 from zephyr_lit.errors import ConfigError
+from zephyr_lit.losses import check_loss_args
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, check_attention
 from zephyr_lit.schedule import SCHEDULES
 
@@ -50,11 +54,33 @@ def config_problems(cfg: DictConfig) -> list[str]:
         "trainer.max_epochs",
         "set trainer.max_epochs > 0 or trainer.max_steps > 0 (training would never end)",
     )
+    if "dpo" in cfg:
+        problems += dpo_problems(cfg)
+    model_path = str(cfg.model.name_or_path)
+    if looks_local(model_path) and not Path(model_path).expanduser().exists():
+        fix = "run `python train.py +experiment=dsft` first, or set model.name_or_path" if "dsft" in model_path \
+            else "set model.name_or_path to a hub name or an existing folder"
+        problems.append(f"model.name_or_path={model_path}: no model there ({fix})")
     if not problems and cfg.model.attn_implementation == "flash_attention_2":
         try:
             check_attention(cfg.model.attn_implementation)
         except ConfigError as error:
             problems.append(str(error))
+    return problems
+
+
+def dpo_problems(cfg: DictConfig) -> list[str]:
+    dpo = cfg.dpo
+    problems = [f"dpo: {p}" for p in check_loss_args(dpo.loss_type, dpo.beta, dpo.label_smoothing)]
+    if dpo.ref.precompute and dpo.ref.sync_steps:
+        problems.append(
+            "dpo.ref.precompute=true with dpo.ref.sync_steps set: a synced reference moves, so its cached "
+            "log-probs would go stale; use one or the other"
+        )
+    if dpo.ref.sync_steps is not None and dpo.ref.sync_steps < 1:
+        problems.append(f"dpo.ref.sync_steps={dpo.ref.sync_steps}: must be >= 1 (or null)")
+    if not 0 < dpo.ref.mixup_alpha <= 1:
+        problems.append(f"dpo.ref.mixup_alpha={dpo.ref.mixup_alpha}: must be in (0, 1]")
     return problems
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,3 +37,18 @@ def greedy_replies(
 def exact_matches(replies: list[str], answers: list[str]) -> int:
     """How many replies equal their answer after stripping surrounding whitespace."""
     return sum(reply.strip() == answer.strip() for reply, answer in zip(replies, answers))
+
+
+def exact_match_rate(
+    trainer: L.Trainer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    max_new_tokens: int = 32,
+) -> torch.Tensor:
+    """Fraction of ``rows`` (``{messages, answer}``) answered exactly; each rank takes a slice."""
+    mine = rows[trainer.global_rank :: trainer.world_size]
+    replies = greedy_replies(model, tokenizer, [r["messages"] for r in mine], max_new_tokens)
+    device = next(model.parameters()).device
+    hits = torch.tensor(float(exact_matches(replies, [r["answer"] for r in mine])), device=device)
+    return trainer.strategy.reduce(hits, reduce_op="sum") / len(rows)

@@ -21,6 +21,7 @@ from zephyr_lit.callbacks import ValidateAtEdges
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.models import load_tokenizer
+from zephyr_lit.reference import cache_key, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ def describe(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in after.items())
 
 
+def reference_cache_key(spec, datamodule, dpo) -> str:
+    """Reference log-probs depend on the weights, the tokenised data and how log-probs are reduced."""
+    return cache_key(
+        weights_identity(spec.name_or_path, spec.revision), spec.dtype, spec.attn_implementation,
+        datamodule.train_set._fingerprint, datamodule.val_set._fingerprint, dpo.average,
+    )
+
+
 def write_summary(path: Path, summary: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -77,7 +86,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     datamodule = instantiate(cfg.data)
     datamodule.prepare(tokenizer)  # every row checked and tokenised before the model exists
 
+    extra = {"dpo": instantiate(cfg.dpo)} if "dpo" in cfg else {}
     module = instantiate(cfg.module, _partial_=True)(
+        **extra,
         model=model_spec,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=cfg.optim.scheduler,
@@ -85,6 +96,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         tokenizer=tokenizer,
         exact_match=datamodule.exact_match,
     )
+    if extra:
+        module.reference_cache_key = reference_cache_key(model_spec, datamodule, extra["dpo"])
     trainer = build_trainer(cfg, output_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -92,7 +105,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
 
     export_dir = output_dir / "model"
     if trainer.is_global_zero:
-        export_model(module.model, tokenizer, export_dir)
+        export_model(module.trained_model, tokenizer, export_dir)
     trainer.strategy.barrier()
     summary = {
         "experiment": cfg.experiment_name,

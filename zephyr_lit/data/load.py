@@ -65,8 +65,14 @@ def local_split_files(path: str, split: str) -> list[Path] | None:
 
 
 def looks_local(path: str) -> bool:
-    """True for paths that can only mean the local disk (absolute, ./, ../, ~ or a file suffix)."""
-    return path.startswith(("/", "./", "../", "~")) or Path(path).suffix in EXTENSIONS or Path(path).exists()
+    """True for paths that can only mean the local disk: absolute, ./, ../, ~, a data-file suffix, more
+    than one slash (hub ids are ``name`` or ``namespace/name``), or something that exists here."""
+    return (
+        path.startswith(("/", "./", "../", "~"))
+        or Path(path).suffix in EXTENSIONS
+        or path.strip("/").count("/") >= 2
+        or Path(path).exists()
+    )
 
 
 RowCheck = Callable[[dict, str], object]

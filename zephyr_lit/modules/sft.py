@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from zephyr_lit.evaluation import exact_matches, greedy_replies
+from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import summed_token_nll
 from zephyr_lit.models import ModelSpec, build_model
 from zephyr_lit.schedule import build_scheduler
@@ -42,6 +42,11 @@ class SFTModule(L.LightningModule):
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
         self.model = None
         self._reset_window()
+
+    @property
+    def trained_model(self):
+        """The network that gets exported."""
+        return self.model
 
     def configure_model(self) -> None:
         """Build the network here: under DeepSpeed ZeRO-3, Lightning runs this inside ``zero.Init``."""
@@ -95,17 +100,8 @@ class SFTModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/perplexity", torch.exp(loss), sync_dist=True)
         if self.exact_match and self.tokenizer is not None:
-            self.log("val/exact_match", self._exact_match_rate(), sync_dist=True)
-
-    def _exact_match_rate(self) -> torch.Tensor:
-        """Fraction of the exact-match prompts answered exactly; each rank takes a slice."""
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        rows = self.exact_match[rank::world]
-        replies = greedy_replies(
-            self.model, self.tokenizer, [r["messages"] for r in rows], self.exact_match_max_new_tokens
-        )
-        hits = torch.tensor(float(exact_matches(replies, [r["answer"] for r in rows])), device=self.device)
-        return self.trainer.strategy.reduce(hits, reduce_op="sum") / len(self.exact_match)
+            rate = exact_match_rate(self.trainer, self.model, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens)
+            self.log("val/exact_match", rate, sync_dist=True)
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,380 @@
+"""The dDPO data module: preference rows (UltraFeedback-binarized schema) -> validated, tokenised pairs.
+
+A row holds ``chosen`` and ``rejected``: two message lists with the same turns before a different
+final assistant turn. Conventions (tested on exact token ids in ``tests/test_preference_data.py``):
+
+- **Prompt** = every turn of ``chosen`` before its final assistant turn (an empty system turn put in
+  front when there is none, as ``render`` does), rendered *with* the generation prompt: the
+  ``<|assistant|>\\n`` tag belongs to the prompt. **Completion** = the final assistant content plus
+  ``</s>`` (EOS, labelled: it is how the model learns to stop); no ``\\n`` after it.
+- ``prompt_text + completion_text`` is tokenised as **one** string with offsets, BOS added once by
+  the tokenizer; the prompt is every token before the first one starting at or after
+  ``len(prompt_text)``. The prompt ids of chosen and rejected must agree (else a ``DataError`` names
+  the row). Each example stores ``prompt_input_ids`` (from BOS), ``chosen_input_ids`` and
+  ``rejected_input_ids`` (completion ids only), their lengths, and ``index``: the row's position in
+  the split after drops, ``0..n-1``, stable across runs (the key of cached reference log-probs).
+- **Truncation**: a prompt longer than ``max_prompt_length`` keeps BOS and its *last*
+  ``max_prompt_length - 1`` tokens (the question nearest the answer). Each completion is then cut on
+  the right so that prompt + completion <= ``max_length``. A row left with no room for a single
+  completion token (possible only when ``max_prompt_length`` is null or >= ``max_length``) is dropped.
+- **Drops** (counted, logged once per split): chosen identical to rejected; no completion token fits.
+- **Bad rows** stop ``prepare`` before any model exists, one line naming file, split, row and field:
+  a missing ``chosen``/``rejected``, a malformed message list (``check_messages``), a list not ending
+  with an assistant turn, two different prompts (``chosen[:-1] != rejected[:-1]``), an empty
+  completion. Local JSON files Arrow cannot read are explained by the same checks.
+- **Batches** (``collate_pairs``): one ``(2B, T)`` batch for a single policy forward pass, rows
+  ``0..B-1`` prompt+chosen and ``B..2B-1`` prompt+rejected, right-padded with the pad id (= eos);
+  labels are -100 on prompt and padding (by position, never by id), the completion ids elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from zephyr_lit.chat import render
+from zephyr_lit.data.collate import pad_batch
+from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
+from zephyr_lit.data.load import Split, load_split
+from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
+from zephyr_lit.data.sft import load_exact_match
+from zephyr_lit.data.tokenize import IGNORE_INDEX
+from zephyr_lit.data.validate import check_messages, require_columns, where
+from zephyr_lit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Bump when the pair tokenisation below changes meaning, so that old caches are not reused.
+PREFERENCE_VERSION = "1"
+SIDES = ("chosen", "rejected")
+COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+           "prompt_length", "chosen_length", "rejected_length", "index")
+
+
+@dataclass
+class PreferenceSplitStats:
+    """What happened to one split's rows. Truncations are counted over the kept pairs; a pair whose
+    chosen and rejected are both cut counts twice in ``truncated_completions``."""
+
+    rows: int = 0                   # rows read (after max_*_samples)
+    pairs: int = 0                  # pairs kept
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+    dropped_identical: int = 0      # chosen == rejected: no preference to learn
+    dropped_no_room: int = 0        # the prompt left no room for one completion token
+    dropped: int = 0
+    completion_tokens: int = 0      # chosen + rejected tokens of the kept pairs
+
+
+# ---- checks --------------------------------------------------------------------------------
+def check_pair(row: dict, at: str) -> tuple[list[dict], list[dict]]:
+    """Check one preference row and return ``(chosen, rejected)``; raise a one-line ``DataError``."""
+    pair = []
+    for side in SIDES:
+        messages = check_messages(row.get(side), at, side)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{at}: field '{side}' must end with an assistant turn (the completion); "
+                f"its last turn is {messages[-1]['role']!r}"
+            )
+        pair.append(messages)
+    chosen, rejected = pair
+    if len(chosen) != len(rejected):
+        raise DataError(
+            f"{at}: field 'rejected' has {len(rejected) - 1} prompt turns, 'chosen' has {len(chosen) - 1}: "
+            "two different prompts (chosen[:-1] must equal rejected[:-1])"
+        )
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])):
+        for key in ("role", "content"):
+            if a[key] != b[key]:
+                raise DataError(
+                    f"{at}: field 'rejected[{i}].{key}' differs from 'chosen[{i}].{key}': "
+                    "two different prompts (chosen[:-1] must equal rejected[:-1])"
+                )
+    return chosen, rejected
+
+
+def _check_row(row: dict, at: str) -> None:
+    check_pair(row, at)
+
+
+# ---- tokenisation ----------------------------------------------------------------------------
+def split_prompt_completion(
+    prompt_text: str, completion_text: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """Tokenise ``prompt_text + completion_text`` once (BOS by the tokenizer) and split it where
+    the first token starts at or after ``len(prompt_text)``."""
+    encoding = tokenizer(prompt_text + completion_text, return_offsets_mapping=True, add_special_tokens=True)
+    ids: list[int] = encoding["input_ids"]
+    cut = next((i for i, (start, _) in enumerate(encoding["offset_mapping"]) if start >= len(prompt_text)), len(ids))
+    return ids[:cut], ids[cut:]
+
+
+@dataclass
+class PairTokens:
+    prompt_input_ids: list[int]
+    chosen_input_ids: list[int]
+    rejected_input_ids: list[int]
+    prompt_truncated: bool
+    chosen_truncated: bool
+    rejected_truncated: bool
+
+    @property
+    def fits(self) -> bool:
+        """False when no completion token was left (the row is dropped)."""
+        return bool(self.chosen_input_ids) and bool(self.rejected_input_ids)
+
+
+def tokenize_pair(
+    chosen: list[dict],
+    rejected: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    at: str = "pair",
+) -> PairTokens:
+    """Prompt and completion ids of a checked pair, truncated as the module docstring says."""
+    prompt_text = render(chosen[:-1], tokenizer.eos_token, add_generation_prompt=True).text
+    prompt, chosen_ids = split_prompt_completion(prompt_text, chosen[-1]["content"] + tokenizer.eos_token, tokenizer)
+    prompt_r, rejected_ids = split_prompt_completion(prompt_text, rejected[-1]["content"] + tokenizer.eos_token, tokenizer)
+    if prompt != prompt_r:
+        raise DataError(
+            f"{at}: field 'rejected' tokenises its prompt differently from 'chosen' "
+            "(the tokenizer merges across the prompt/completion boundary)"
+        )
+    head = 1 if prompt and prompt[0] == tokenizer.bos_token_id else 0  # BOS is always kept
+    prompt_truncated = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if prompt_truncated:
+        prompt = prompt[:head] + prompt[len(prompt) - (max_prompt_length - head):]
+    room = max(max_length - len(prompt), 0)
+    return PairTokens(
+        prompt, chosen_ids[:room], rejected_ids[:room],
+        prompt_truncated, len(chosen_ids) > room, len(rejected_ids) > room,
+    )
+
+
+def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, max_prompt_length, source, split):
+    names = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+             "prompt_truncated", "chosen_truncated", "rejected_truncated", "drop"]
+    out: dict[str, list] = {name: [] for name in names}
+    for chosen, rejected, index in zip(batch["chosen"], batch["rejected"], indices):
+        at = where(source, split, index)
+        chosen, rejected = check_pair({"chosen": chosen, "rejected": rejected}, at)
+        if chosen[-1]["content"] == rejected[-1]["content"]:
+            tokens, drop = PairTokens([], [], [], False, False, False), "identical"
+        else:
+            tokens = tokenize_pair(chosen, rejected, tokenizer, max_length, max_prompt_length, at)
+            drop = "" if tokens.fits else "no_room"
+        for name in names[:-1]:
+            out[name].append(getattr(tokens, name))
+        out["drop"].append(drop)
+    return out
+
+
+def _finish_rows(batch: dict, indices: list[int]) -> dict:
+    out = {f"{name}_length": [len(ids) for ids in batch[f"{name}_input_ids"]] for name in ("prompt", *SIDES)}
+    out["index"] = list(indices)
+    return out
+
+
+# ---- collation -------------------------------------------------------------------------------
+def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+    """``B`` pairs -> ``input_ids``, ``attention_mask``, ``labels`` ``(2B, T)`` (chosen rows first),
+    ``index`` ``(B,)`` and ``num_tokens`` (real, non-pad tokens). ``T`` is a multiple of
+    ``pad_to_multiple_of``; labels are -100 on the prompt and the padding."""
+    sequences = [
+        {"input_ids": row["prompt_input_ids"] + row[f"{side}_input_ids"],
+         "labels": [IGNORE_INDEX] * len(row["prompt_input_ids"]) + row[f"{side}_input_ids"]}
+        for side in SIDES for row in rows
+    ]
+    batch = pad_batch(sequences, pad_id, pad_to_multiple_of)
+    batch["index"] = torch.tensor([row["index"] for row in rows], dtype=torch.long)
+    return batch
+
+
+# ---- the data module ---------------------------------------------------------------------------
+@dataclass(eq=False)
+class PreferenceDataModule(L.LightningDataModule):
+    """Config fields mirror ``conf/data/ultrafeedback_*.yaml`` (and ``SFTDataModule`` where they overlap)."""
+
+    path: str
+    train_split: str = "train_prefs"
+    test_split: str = "test_prefs"
+    max_length: int = 1024
+    max_prompt_length: int | None = 512
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    pad_to_multiple_of: int | None = 8
+    num_proc: int | None = None
+    num_workers: int = 0
+    cache_dir: str | None = None
+    shuffle: bool = True
+    seed: int = 42
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    exact_match_path: str | None = None
+    global_batch_size: int | None = None
+    stats: dict[str, PreferenceSplitStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if self.max_prompt_length is not None and self.max_prompt_length < 2:
+            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be >= 2 (BOS and one token) or null")
+        self.train_set: datasets.Dataset | None = None
+        self.val_set: datasets.Dataset | None = None
+        self.exact_match: list[dict] = []
+        self.pad_id: int | None = None
+
+    # ---- data work, before any model exists -------------------------------------------------
+    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Load, check and tokenise both splits; load the exact-match prompts."""
+        self.pad_id = tokenizer.pad_token_id
+        self.train_set = self._build(self._load(self.train_split, self.max_train_samples), tokenizer)
+        self.val_set = self._build(self._load(self.test_split, self.max_eval_samples), tokenizer)
+        if self.exact_match_path:
+            self.exact_match = load_exact_match(self.exact_match_path)
+
+    def summary_stats(self) -> dict[str, dict]:
+        return {name: vars(stats) for name, stats in self.stats.items()}
+
+    def _load(self, split: str, limit: int | None) -> Split:
+        loaded = load_split(self.path, split, self.cache_dir, row_check=_check_row)
+        require_columns(loaded.dataset.column_names, SIDES, loaded.source, split)
+        if limit is not None and limit < len(loaded.dataset):
+            loaded.dataset = loaded.dataset.select(range(limit))
+        return loaded
+
+    def _build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+        settings = [PREFERENCE_VERSION, split.dataset._fingerprint, tokenizer_fingerprint(tokenizer),
+                    self.max_length, self.max_prompt_length]
+        tokenized = split.dataset.map(
+            functools.partial(
+                _tokenize_rows,
+                tokenizer=tokenizer,
+                max_length=self.max_length,
+                max_prompt_length=self.max_prompt_length,
+                source=split.source,
+                split=split.name,
+            ),
+            batched=True,
+            with_indices=True,
+            remove_columns=split.dataset.column_names,
+            num_proc=self.num_proc,
+            new_fingerprint=fingerprint("preference-tokenize", *settings),
+            desc=f"Tokenising {split.name}",
+        )
+        drops = tokenized["drop"]
+        stats = PreferenceSplitStats(
+            rows=len(tokenized), dropped_identical=drops.count("identical"), dropped_no_room=drops.count("no_room")
+        )
+        kept = tokenized.filter(
+            lambda reasons: [not r for r in reasons], input_columns="drop", batched=True,
+            new_fingerprint=fingerprint("preference-keep", *settings),
+        )
+        if len(kept) == 0:
+            raise DataError(
+                f"{split.source} split '{split.name}': no pair left (identical chosen/rejected, or no completion token "
+                f"within data.max_length={self.max_length} after data.max_prompt_length={self.max_prompt_length})"
+            )
+        kept = kept.map(
+            _finish_rows, batched=True, with_indices=True,
+            new_fingerprint=fingerprint("preference-index", *settings), desc=f"Indexing {split.name}",
+        )
+        stats.pairs, stats.dropped = len(kept), len(tokenized) - len(kept)
+        stats.truncated_prompts = sum(kept["prompt_truncated"])
+        stats.truncated_completions = sum(kept["chosen_truncated"]) + sum(kept["rejected_truncated"])
+        stats.completion_tokens = sum(kept["chosen_length"]) + sum(kept["rejected_length"])
+        self.stats[split.name] = stats
+        report = log.warning if stats.dropped or stats.truncated_prompts or stats.truncated_completions else log.info
+        report(
+            "%s split '%s': %d pairs of %d rows; %d prompts cut to data.max_prompt_length=%s (kept their end), "
+            "%d completions cut to data.max_length=%d; dropped %d with chosen == rejected, %d with no room for a completion",
+            split.source, split.name, stats.pairs, stats.rows, stats.truncated_prompts, self.max_prompt_length,
+            stats.truncated_completions, self.max_length, stats.dropped_identical, stats.dropped_no_room,
+        )
+        return kept.select_columns(list(COLUMNS))
+
+    # ---- loaders -------------------------------------------------------------------------
+    def _collate(self):
+        return functools.partial(collate_pairs, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+
+    def check_global_batch_size(self) -> int:
+        """``data.batch_size x world size x trainer.accumulate_grad_batches``, checked against
+        ``data.global_batch_size`` when that is set (``ConfigError`` when they differ)."""
+        world_size, _, accumulate = self._world()
+        actual = self.batch_size * world_size * accumulate
+        devices = getattr(self.trainer, "num_devices", world_size)
+        nodes = getattr(self.trainer, "num_nodes", 1)
+        product = (f"data.batch_size={self.batch_size} x world size {world_size} (trainer.devices={devices} x "
+                   f"trainer.num_nodes={nodes}) x trainer.accumulate_grad_batches={accumulate} = {actual}")
+        if self.global_batch_size is not None and actual != self.global_batch_size:
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size} but {product} pairs per optimizer step; "
+                "change data.batch_size, trainer.devices, trainer.num_nodes or trainer.accumulate_grad_batches "
+                "(or set data.global_batch_size=null)"
+            )
+        log.info("global batch: %s pairs per optimizer step%s", product,
+                 "" if self.global_batch_size is None else " (= data.global_batch_size)")
+        return actual
+
+    def train_dataloader(self) -> DataLoader:
+        self.check_global_batch_size()
+        world_size, rank, accumulate = self._world()
+        # One count per pair: the sampler's window count (unused here) is then pairs per window.
+        sampler = WindowBatchSampler(
+            [1] * len(self.train_set), self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
+        )
+        if len(sampler) == 0:
+            raise DataError(
+                f"{self.path} split '{self.train_split}': {len(self.train_set)} pairs are fewer than one global "
+                f"micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
+            )
+        return DataLoader(
+            WindowedDataset(self.train_set.with_format(None)),
+            batch_sampler=sampler,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        world_size, rank, _ = self._world()
+        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
+        return self._sequential(shard)
+
+    def precompute_dataloader(self, split: str) -> DataLoader:
+        """The whole split (``"train"``/``"val"`` or its configured name), unshuffled, for caching the
+        reference log-probs by ``index``. Rank-sharded in contiguous blocks of equal size (the last rank
+        repeats rows from the start to fill its block, same index, same values) so that every rank
+        gathers the same number of rows."""
+        sets = {"train": self.train_set, self.train_split: self.train_set, "val": self.val_set,
+                "test": self.val_set, self.test_split: self.val_set}
+        if split not in sets:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(sets)}")
+        dataset = sets[split]
+        world_size, rank, _ = self._world()
+        if world_size > 1:
+            per_rank = -(-len(dataset) // world_size)
+            dataset = dataset.select([i % len(dataset) for i in range(rank * per_rank, (rank + 1) * per_rank)])
+        return self._sequential(dataset)
+
+    def _sequential(self, dataset: datasets.Dataset) -> DataLoader:
+        return DataLoader(
+            dataset.with_format(None),
+            batch_size=self.eval_batch_size or self.batch_size,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )

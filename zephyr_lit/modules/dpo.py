@@ -1,0 +1,227 @@
+"""DPOModule: the trainable policy and its frozen reference, kept in sync.
+
+One step, as data: ``(2B, T)`` batch (chosen rows, then rejected rows) -> policy logits (one pass)
+-> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
+-> ``dpo_loss`` -> loss and detached rewards -> ``train/...`` and ``val/...`` metrics.
+
+The reference is built from the same weights as the policy (same spec, same code path, so the
+same dtype, device and sharding), never trained (``requires_grad=False``, not in the optimizer), and
+kept in eval mode for every forward, also after each validation loop. With ``dpo.ref.sync_steps``
+it follows the policy by TR-DPO mix-up; otherwise checkpoints leave it out and it is rebuilt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from zephyr_lit.evaluation import exact_match_rate
+from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs
+from zephyr_lit.losses import LossType, dpo_loss
+from zephyr_lit.models import ModelSpec, build_model
+from zephyr_lit.reference import ReferenceSettings, freeze, load_logps, mixup_, save_logps
+from zephyr_lit.schedule import build_scheduler
+
+REFERENCE_PREFIX = "reference."
+
+
+@dataclass
+class DPOSettings:
+    """``dpo.*``: ``beta`` (temperature), ``loss_type`` (sigmoid | robust | ipo | hinge),
+    ``label_smoothing`` (cDPO / robust), ``average_log_prob`` (mean instead of sum per sequence;
+    null = true for ipo only), ``ref`` (see ``ReferenceSettings``)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    average_log_prob: bool | None = None
+    ref: ReferenceSettings = field(default_factory=ReferenceSettings)
+
+    @property
+    def average(self) -> bool:
+        if self.average_log_prob is None:
+            return self.loss_type == LossType.IPO.value
+        return self.average_log_prob
+
+
+class DPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: Callable,
+        dpo: DPOSettings,
+        scheduler: str = "linear",
+        warmup_ratio: float = 0.1,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        exact_match: list[dict] | None = None,
+        exact_match_max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.model_spec, self.dpo = model, dpo
+        self.optimizer_factory = optimizer
+        self.scheduler_name, self.warmup_ratio = scheduler, warmup_ratio
+        self.tokenizer = tokenizer
+        self.exact_match = exact_match or []
+        self.exact_match_max_new_tokens = exact_match_max_new_tokens
+        self.policy = None
+        self.reference = None
+        self.cached_logps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (chosen, rejected)
+        self.reference_cache_key: str | None = None  # set by run.train from model, data and length settings
+        self._last_sync_step = 0
+
+    # ---- models ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Policy and reference from the same spec (under ZeRO-3 both are partitioned alike)."""
+        if self.policy is None:
+            self.policy = build_model(self.model_spec)
+        if self.reference is None and not self.cached_logps:
+            self.reference = freeze(build_model(self.model_spec))
+
+    @property
+    def trained_model(self):
+        """The network that gets exported: the policy."""
+        return self.policy
+
+    def train(self, mode: bool = True) -> DPOModule:
+        """Lightning switches the module back to train mode after validation: the reference stays eval."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.dpo.ref.precompute and self.reference is not None:
+            if self.reference_cache_key is None:
+                raise RuntimeError("dpo.ref.precompute needs module.reference_cache_key (set by zephyr_lit.run.train)")
+            precompute_reference(self, self.trainer.datamodule, Path(self.dpo.ref.cache_dir), self.reference_cache_key)
+
+    def drop_reference(self) -> None:
+        """Free the reference once its log-probs are cached."""
+        self.reference = None
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sequence_logprobs(logits, batch["labels"], average=self.dpo.average), logits  # (2B,), (2B, T, V)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        """``(2B,)``: chosen then rejected, from the cache when present, else one no-grad pass."""
+        if split in self.cached_logps:
+            chosen, rejected = self.cached_logps[split]
+            index = batch["index"].cpu()
+            return torch.cat([chosen[index], rejected[index]]).to(self.device)
+        logps, _ = self._sequence_logps(self.reference, batch)
+        return logps
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, split: str) -> torch.Tensor:
+        size = batch["index"].numel()  # B pairs; the batch holds 2B rows
+        policy, logits = self._sequence_logps(self.policy, batch)
+        reference = self.reference_logps(batch, split)
+        out = dpo_loss(
+            self.dpo.loss_type, policy[:size], policy[size:], reference[:size], reference[size:],
+            beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
+        )
+        loss = out.losses.mean()
+        labels = batch["labels"]
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "logps/chosen": policy[:size].detach().mean(),
+            "logps/rejected": policy[size:].detach().mean(),
+            "logits/chosen": masked_logit_mean(logits[:size].detach(), labels[:size]),
+            "logits/rejected": masked_logit_mean(logits[size:].detach(), labels[size:]),
+        }
+        on_step = stage == "train"
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=True,
+                     batch_size=size, prog_bar=name in ("loss", "rewards/accuracies"))
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.exact_match and self.tokenizer is not None:
+            rate = exact_match_rate(self.trainer, self.policy, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens)
+            self.log("val/exact_match", rate, sync_dist=True)
+
+    # ---- TR-DPO sync ---------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        steps, step = self.dpo.ref.sync_steps, self.trainer.global_step
+        if steps and step > self._last_sync_step and step % steps == 0:
+            mixup_(self.reference, self.policy, self.dpo.ref.mixup_alpha)
+            self._last_sync_step = step
+
+    # ---- checkpoints: the reference only when it moved ------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self.dpo.ref.sync_steps:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+                del state[key]
+        checkpoint["dpo_last_sync_step"] = self._last_sync_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint without reference weights gets the rebuilt start weights (same as at start)."""
+        state = checkpoint["state_dict"]
+        if self.reference is not None and not any(k.startswith(REFERENCE_PREFIX) for k in state):
+            for key, value in self.reference.state_dict().items():
+                state[REFERENCE_PREFIX + key] = value
+        self._last_sync_step = checkpoint.get("dpo_last_sync_step", 0)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = build_scheduler(optimizer, self.scheduler_name, total_steps, self.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+
+def precompute_reference(module: DPOModule, datamodule, cache_dir: Path, key: str) -> None:
+    """Fill ``module.cached_logps`` for the train and val splits from ``cache_dir/key`` or by one pass
+    of the reference over each split (rank-sharded, gathered, written once by rank 0), then free it."""
+    trainer = module.trainer
+    for split in ("train", "val"):
+        path = cache_dir / key / f"{split}.pt"
+        cached = load_logps(path)
+        if cached is None:
+            cached = _reference_pass(module, datamodule.precompute_dataloader(split))
+            if trainer.is_global_zero:
+                save_logps(path, *cached)
+            trainer.strategy.barrier()
+        module.cached_logps[split] = cached
+    module.drop_reference()
+
+
+@torch.no_grad()
+def _reference_pass(module: DPOModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    indices, chosen, rejected = [], [], []
+    for batch in loader:
+        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        size = batch["index"].numel()
+        logps = module.reference_logps(batch, split="")  # (2B,)
+        indices.append(batch["index"])
+        chosen.append(logps[:size].float())
+        rejected.append(logps[size:].float())
+    index = module.all_gather(torch.cat(indices)).reshape(-1).cpu()
+    chosen_all = module.all_gather(torch.cat(chosen)).reshape(-1).cpu()
+    rejected_all = module.all_gather(torch.cat(rejected)).reshape(-1).cpu()
+    n = int(index.max()) + 1
+    out_chosen, out_rejected = torch.empty(n), torch.empty(n)
+    out_chosen[index], out_rejected[index] = chosen_all, rejected_all
+    return out_chosen, out_rejected
