@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.callbacks import ValidateAtEdges
 from zephyr_lit.config import check_config
@@ -73,9 +75,21 @@ def write_summary(path: Path, summary: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bool = True) -> dict:
-    """Run one experiment described by ``cfg`` and return its summary (also in ``summary.json``)."""
-    started = time.time()
+@dataclass
+class Run:
+    """Everything one experiment needs, built and checked, before ``fit``."""
+
+    cfg: DictConfig
+    output_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    trainer: L.Trainer
+
+
+def prepare_run(cfg: DictConfig) -> Run:
+    """Check the config, prepare the data (every row checked and tokenised before any model exists),
+    then set up the module and the trainer. Models are built later, in ``configure_model``."""
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +98,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     model_spec = instantiate(cfg.model)
     tokenizer = load_tokenizer(model_spec)
     datamodule = instantiate(cfg.data)
-    datamodule.prepare(tokenizer)  # every row checked and tokenised before the model exists
+    datamodule.prepare(tokenizer)
 
     extra = {"dpo": instantiate(cfg.dpo)} if "dpo" in cfg else {}
     module = instantiate(cfg.module, _partial_=True)(
@@ -99,13 +113,21 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     if extra:
         module.reference_cache_key = reference_cache_key(model_spec, datamodule, extra["dpo"])
     trainer = build_trainer(cfg, output_dir)
+    return Run(cfg, output_dir, tokenizer, datamodule, module, trainer)
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bool = True) -> dict:
+    """Run one experiment described by ``cfg`` and return its summary (also in ``summary.json``)."""
+    started = time.time()
+    run = prepare_run(cfg)
+    trainer, module, output_dir = run.trainer, run.module, run.output_dir
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    trainer.fit(module, datamodule=run.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
 
     export_dir = output_dir / "model"
     if trainer.is_global_zero:
-        export_model(module.trained_model, tokenizer, export_dir)
+        export_model(module.trained_model, run.tokenizer, export_dir)
     trainer.strategy.barrier()
     summary = {
         "experiment": cfg.experiment_name,
@@ -115,7 +137,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         "metrics": final_metrics(trainer),
         "initial_metrics": initial_metrics(trainer),
         "overrides": list(overrides or []),
-        "data": {name: vars(stats) for name, stats in datamodule.stats.items()},
+        "data": {name: vars(stats) for name, stats in run.datamodule.stats.items()},
         "duration_s": round(time.time() - started, 1),
     }
     if trainer.is_global_zero:
