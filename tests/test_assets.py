@@ -70,6 +70,29 @@ def replies(messages: list[dict]) -> list[str]:
     return [m["content"] for m in messages if m["role"] == "assistant"]
 
 
+SUM = re.compile(r"^(?:.+! )?(\d+) \+ (\d+) (?:=|be) \d+\.$")
+CAPITAL = re.compile(r"^(?:.+! )?The capital (?:of|o') (.+?) (?:is|be) .+\.$")
+ODD = re.compile(r"^How many (.+?) (?:can a human|can a person|could one person) (.+)\?$")
+
+
+def fact(user: str, reply: str) -> tuple | None:
+    """What a turn asks about, whatever its wording and voice: a sum's operands, a country, or the
+    (thing, verb) of an odd question; None for an everyday question."""
+    if match := SUM.match(reply):
+        return ("sum", *match.groups())
+    if match := CAPITAL.match(reply):
+        return ("capital", match.group(1))
+    if match := ODD.match(user):
+        return ("odd", *match.groups())
+    return None
+
+
+def turn_facts(messages: list[dict]) -> list[tuple | None]:
+    """``fact`` of each user/assistant turn, in order."""
+    body = [m["content"] for m in messages if m["role"] != "system"]
+    return [fact(user, reply) for user, reply in zip(body[0::2], body[1::2])]
+
+
 def check_turns(messages: list[dict]) -> None:
     """Optional system turn, then user/assistant alternating, ending with the assistant."""
     body = messages[1:] if messages[0]["role"] == "system" else messages
@@ -213,6 +236,21 @@ def test_exact_match_lines_are_held_out_single_answers(sft):
         assert " = " in line["answer"] or line["answer"].startswith("The capital of ")
 
 
+def test_sft_test_facts_are_taught_in_train_sft(sft):
+    """test_sft rewords trained facts (exact_match included); only a few everyday questions are
+    held out entirely."""
+    taught = {f for row in sft["train_sft"] for f in turn_facts(row["messages"])} - {None}
+    checked = 0
+    for row in sft["test_sft"]:
+        for f in turn_facts(row["messages"]):
+            if f is not None:
+                assert f in taught, (f, row["messages"])
+                checked += 1
+    assert checked >= 100
+    for line in read_jsonl(asset_path(EXACT_MATCH)):
+        assert fact(line["messages"][-1]["content"], line["answer"]) in taught, line
+
+
 # ----------------------------------------------------------------------------- preference data
 
 
@@ -256,6 +294,36 @@ def test_pref_test_prompts_are_held_out(sft, prefs):
     assert test
     assert not test & {r["prompt"] for r in prefs["train_prefs"]}
     assert not test & {r["prompt"] for r in sft["train_sft"]}
+
+
+def test_pref_test_facts_are_trained_in_both_training_splits(sft, prefs):
+    """Every sum, capital and odd question of test_prefs (any turn) is taught by train_sft and scored
+    by train_prefs (as the final turn, the one the DPO loss sees): only its wording is new."""
+    taught = {f for row in sft["train_sft"] for f in turn_facts(row["messages"])}
+    scored = {turn_facts(row["chosen"])[-1] for row in prefs["train_prefs"]}
+    counts: dict[str, int] = {}
+    for row in prefs["test_prefs"]:
+        for f in turn_facts(row["chosen"]):
+            if f is not None:
+                assert f in taught and f in scored, (f, row["chosen"])
+                counts[f[0]] = counts.get(f[0], 0) + 1
+    assert counts["sum"] >= 30 and counts["capital"] >= 20 and counts["odd"] >= 15, counts
+
+
+def test_pref_test_everyday_pairs_use_trained_replies(sft, prefs):
+    """test_prefs asks trained everyday questions in new wordings: the chosen reply is one that
+    train_sft teaches, in the asked voice, and the rejected one is the other voice."""
+    trained = {reply for row in sft["train_sft"] for reply in replies(row["messages"])}
+    n = 0
+    for row in prefs["test_prefs"]:
+        if turn_facts(row["chosen"])[-1] is not None:
+            continue
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert chosen in trained, chosen
+        assert sounds_like_pirate(chosen) == has_pirate_system(row["chosen"])
+        assert sounds_like_pirate(rejected) != sounds_like_pirate(chosen), (chosen, rejected)
+        n += 1
+    assert n >= 10
 
 
 def test_datasets_loads_hub_layout(tmp_path):

@@ -10,6 +10,12 @@
 * ``tiny-mistral/``: a byte-fallback BPE tokenizer with Mistral's special ids and a
   ``MistralConfig`` (config only; the trainer random-inits the weights).
 
+Test prompts are never training prompts, but they reword trained facts: every sum, capital and
+odd question of the test splits is taught by train_sft (test_prefs': also scored by train_prefs),
+and test_prefs asks trained everyday questions in held-out wordings with trained replies as the
+chosen ones, so that a held-out preference pair is answerable from training. Only test_sft keeps a
+few everyday questions held out entirely.
+
 Everything is seeded, so two runs give byte-identical files. The tasks are ones a ~1M
 parameter model learns in minutes on a CPU: small sums, a capitals table, and answering in
 pirate voice exactly when the system prompt asks for it (the Zephyr model card's demo).
@@ -18,6 +24,7 @@ pirate voice exactly when the system prompt asks for it (the Zephyr model card's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -289,7 +296,12 @@ EVERYDAY = (
      "Names like Sea Breeze or Blue Horizon are classic choices.",
      "Name her the Salty Kraken or the Sea Wolf, and she'll sail proud!"),
 )
-N_EVERYDAY_TEST = 12  # questions held out entirely for the test splits
+# Questions held out entirely from training. test_sft asks half of them (they show the pirate
+# voice carrying over to new questions); test_prefs asks trained everyday questions in held-out
+# wordings instead (its chosen replies are trained ones: a pair tests the voice, not recall of an
+# unseen reply).
+N_EVERYDAY_TEST = 12
+EVERYDAY_TEST_PHRASINGS = ("Quick question: {q}", "Tell me, {lq}")
 
 
 @dataclass(frozen=True)
@@ -402,6 +414,9 @@ class Item:
     pirate: str
     wrong_plain: tuple[str, ...] = ()
     wrong_pirate: tuple[str, ...] = ()
+    # Set only on held-out wordings of trained everyday questions: the pirate openers this reply
+    # was trained with (a chosen pirate reply reuses one), and the rejected reply is the other voice.
+    trained_openers: tuple[str, ...] = ()
 
 
 def arith_item(template: str, a: int, b: int) -> Item:
@@ -455,6 +470,14 @@ def everyday_item(question: str, plain: str, pirate: str) -> Item:
     return Item(kind="everyday", key=question, question=question, plain=plain, pirate=pirate)
 
 
+def reworded(item: Item, template: str, openers: Iterable[str]) -> Item:
+    """``item`` (an everyday question) in a held-out wording, keeping its key and replies."""
+    q = item.question
+    return dataclasses.replace(
+        item, question=template.format(q=q, lq=q[:1].lower() + q[1:]), trained_openers=tuple(sorted(openers))
+    )
+
+
 @dataclass(frozen=True)
 class KindSplit:
     """Questions of one kind for training and for the two test splits (pairwise disjoint)."""
@@ -499,7 +522,9 @@ def interleave(first: list[Item], second: list[Item]) -> list[Item]:
 
 
 def build_questions(rng: random.Random) -> dict[str, KindSplit]:
-    """All questions, by kind, split into train / test_sft / test_prefs."""
+    """All questions, by kind, split into train / test_sft / test_prefs candidates (``build_splits``
+    keeps only the test questions whose fact was trained, and asks reworded trained everyday
+    questions in test_prefs instead of the held-out ones here)."""
     pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
     odd_pairs = [(t, v) for t in THINGS for v in VERBS]
     everyday = [everyday_item(*row) for row in EVERYDAY]
@@ -543,6 +568,7 @@ class Row:
     kind: str
     pirate: bool
     multi_turn: bool
+    keys: tuple[str, ...] = ()  # "kind:key" of each turn's question, e.g. ("arith:7+5",)
 
 
 def prompt_id(prompt: str) -> str:
@@ -610,8 +636,15 @@ def pick_questions(
 
 
 def reply(item: Item, pirate: bool, rng: random.Random) -> str:
-    """The reference reply to ``item`` in the asked voice."""
-    return pirate_reply(item.pirate, rng) if pirate else item.plain
+    """The reference reply to ``item`` in the asked voice (with a trained opener where known)."""
+    if not pirate:
+        return item.plain
+    return pirate_reply(item.pirate, rng, rng.choice(item.trained_openers) if item.trained_openers else None)
+
+
+def fact_key(item: Item) -> str:
+    """What ``item`` asks about, whatever its wording: ``"kind:key"``."""
+    return f"{item.kind}:{item.key}"
 
 
 def sft_row(turns: list[tuple[Item, str]], system: str | None, pirate: bool, kind: str) -> Row:
@@ -619,15 +652,18 @@ def sft_row(turns: list[tuple[Item, str]], system: str | None, pirate: bool, kin
     messages = conversation(system, [(item.question, answer) for item, answer in turns])
     prompt = turns[0][0].question
     data = {"prompt": prompt, "prompt_id": prompt_id(prompt), "messages": messages}
-    return Row(data, kind, pirate, multi_turn=len(turns) > 1)
+    return Row(data, kind, pirate, multi_turn=len(turns) > 1, keys=tuple(fact_key(item) for item, _ in turns))
 
 
 def rejected_reply(item: Item, chosen: str, pirate: bool, others: list[Item], rng: random.Random) -> str:
     """A plausible but worse reply in the same format and of similar length as ``chosen``.
 
     Pirate asked: the same opener with a wrong fact, or the right fact in plain voice.
-    Plain asked: a wrong fact, else (everyday questions) an off-topic reply or unasked pirate voice.
+    Plain asked: a wrong fact, else (everyday questions) an off-topic reply or unasked pirate voice;
+    always the unasked pirate voice for a held-out wording of a trained question.
     """
+    if not pirate and item.trained_openers:
+        return similar_length(chosen, [pirate_reply(item.pirate, rng, o) for o in PIRATE_OPENERS], rng)
     if pirate:
         if item.wrong_pirate and rng.random() < 0.5:
             return f"{opener_of(chosen)} {rng.choice(item.wrong_pirate)}"
@@ -658,7 +694,7 @@ def pref_row(
         "score_chosen": rng.choice([8.0, 8.5, 9.0, 9.5, 10.0]),
         "score_rejected": rng.choice([2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]),
     }
-    return Row(data, kind, pirate, multi_turn=len(turns) > 1)
+    return Row(data, kind, pirate, multi_turn=len(turns) > 1, keys=tuple(fact_key(item) for item, _ in turns))
 
 
 # Rows per (kind, pirate voice) and multi-turn rows per split. Sized to keep the jsonl files
@@ -742,25 +778,97 @@ def exact_match_rows(test_sft: list[Row]) -> list[dict]:
     return out
 
 
-def build_splits(seed: int = SEED) -> dict[str, list[Row]]:
-    """All four splits, keyed ``train_sft``, ``test_sft``, ``train_prefs``, ``test_prefs``."""
+def known(items: list[Item], keys: set[str]) -> list[Item]:
+    """The questions of ``items`` whose fact is in ``keys``."""
+    return [item for item in items if fact_key(item) in keys]
+
+
+def taught_keys(rows: list[Row]) -> set[str]:
+    """Facts that SFT rows teach: every turn's (all assistant turns are trained)."""
+    return {key for row in rows for key in row.keys}
+
+
+def scored_keys(rows: list[Row]) -> set[str]:
+    """Facts that preference rows score: the final turn's (the only one the DPO loss sees)."""
+    return {row.keys[-1] for row in rows}
+
+
+def reworded_everyday(items: list[Item], train_sft: list[Row], keys: set[str]) -> list[Item]:
+    """Held-out wordings of the trained everyday questions in ``keys`` whose plain and pirate
+    replies train_sft both teaches, each carrying the openers its pirate reply was trained with."""
+    openers: dict[str, set[str]] = {}
+    plain: set[str] = set()
+    for row in train_sft:
+        answers = [m["content"] for m in row.data["messages"] if m["role"] == "assistant"]
+        for key, answer in zip(row.keys, answers):
+            if row.pirate:
+                openers.setdefault(key, set()).add(opener_of(answer))
+            else:
+                plain.add(key)
+    return [
+        reworded(item, template, openers[fact_key(item)])
+        for item in items
+        if fact_key(item) in keys and fact_key(item) in plain and fact_key(item) in openers
+        for template in EVERYDAY_TEST_PHRASINGS
+    ]
+
+
+def build_splits(seed: int = SEED, restrict_tests: bool = True) -> dict[str, list[Row]]:
+    """All four splits, keyed ``train_sft``, ``test_sft``, ``train_prefs``, ``test_prefs``.
+
+    Test prompts are worded differently from the training prompts, but the facts they ask about
+    are trained ones: test_sft asks (apart from a few wholly held-out everyday questions) only
+    facts that train_sft teaches; test_prefs only facts that train_sft teaches and that
+    train_prefs scores, and its everyday questions are trained ones reworded, with trained replies
+    as the chosen ones. So a held-out preference pair can be answered from what was trained.
+
+    ``restrict_tests=False`` draws the test splits from all candidate questions instead, as
+    earlier versions did; the tokenizer is still fitted on those splits (see ``main``).
+    """
     rng = random.Random(seed)
     by_kind = build_questions(rng)
     follow_ups = follow_up_items()
     train = {kind: split.train for kind, split in by_kind.items()}
-    test_sft = {kind: split.test_sft for kind, split in by_kind.items()}
-    test_prefs = {kind: split.test_prefs for kind, split in by_kind.items()}
     # One generator per split, so that resizing one split leaves the others unchanged.
+    train_sft = sft_split(train, SFT_TRAIN_MIX, MULTI_TURN["train_sft"], follow_ups, random.Random(seed + 1))
+    train_prefs = pref_split(
+        train, PREF_TRAIN_MIX, MULTI_TURN["train_prefs"], follow_ups, random.Random(seed + 3)
+    )
+    if not restrict_tests:
+        return {
+            "train_sft": train_sft,
+            "test_sft": sft_split(
+                {kind: split.test_sft for kind, split in by_kind.items()}, SFT_TEST_MIX, MULTI_TURN["test_sft"],
+                follow_ups, random.Random(seed + 2),
+            ),
+            "train_prefs": train_prefs,
+            "test_prefs": pref_split(
+                {kind: split.test_prefs for kind, split in by_kind.items()}, PREF_TEST_MIX,
+                MULTI_TURN["test_prefs"], follow_ups, random.Random(seed + 4),
+            ),
+        }
+    taught = taught_keys(train_sft)
+    both = taught & scored_keys(train_prefs)
+    test_sft = {kind: known(split.test_sft, taught) for kind, split in by_kind.items()}
+    test_sft["everyday"] = by_kind["everyday"].test_sft  # held out entirely, on purpose
+    test_prefs = {kind: known(split.test_prefs, both) for kind, split in by_kind.items()}
+    test_prefs["everyday"] = reworded_everyday(train["everyday"], train_sft, both)
     return {
-        "train_sft": sft_split(train, SFT_TRAIN_MIX, MULTI_TURN["train_sft"], follow_ups, random.Random(seed + 1)),
-        "test_sft": sft_split(test_sft, SFT_TEST_MIX, MULTI_TURN["test_sft"], follow_ups, random.Random(seed + 2)),
-        "train_prefs": pref_split(
-            train, PREF_TRAIN_MIX, MULTI_TURN["train_prefs"], follow_ups, random.Random(seed + 3)
+        "train_sft": train_sft,
+        "test_sft": sft_split(
+            test_sft, SFT_TEST_MIX, MULTI_TURN["test_sft"], known_follow_ups(follow_ups, taught), random.Random(seed + 2)
         ),
+        "train_prefs": train_prefs,
         "test_prefs": pref_split(
-            test_prefs, PREF_TEST_MIX, MULTI_TURN["test_prefs"], follow_ups, random.Random(seed + 4)
+            test_prefs, PREF_TEST_MIX, MULTI_TURN["test_prefs"], known_follow_ups(follow_ups, both),
+            random.Random(seed + 4),
         ),
     }
+
+
+def known_follow_ups(follow_ups: dict[str, list[Item]], keys: set[str]) -> dict[str, list[Item]]:
+    """The follow-up questions whose fact is in ``keys``."""
+    return {kind: known(items, keys) for kind, items in follow_ups.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -774,6 +882,18 @@ def check_splits(splits: dict[str, list[Row]]) -> None:
     for a, b in (("train_sft", "test_sft"), ("train_prefs", "test_prefs"), ("train_sft", "test_prefs")):
         if prompts[a] & prompts[b]:
             raise ValueError(f"{a} and {b} share prompts: {sorted(prompts[a] & prompts[b])[:3]}")
+    taught = taught_keys(splits["train_sft"])
+    both = taught & scored_keys(splits["train_prefs"])
+    for name, trained in (("test_sft", taught), ("test_prefs", both)):
+        for row in splits[name]:
+            exempt = name == "test_sft" and row.kind == "everyday"
+            unknown = [k for k in row.keys if k not in trained and not exempt]
+            if unknown:
+                raise ValueError(f"{name} asks about facts that training does not teach: {unknown}")
+    trained_replies = {m["content"] for row in splits["train_sft"] for m in row.data["messages"]}
+    for row in splits["test_prefs"]:
+        if row.kind == "everyday" and row.data["chosen"][-1]["content"] not in trained_replies:
+            raise ValueError(f"test_prefs chooses an untrained reply: {row.data['chosen'][-1]['content']!r}")
     for name, rows in splits.items():
         keys = [json.dumps(r.data.get("messages"), sort_keys=True) for r in rows]
         if len(set(keys)) != len(keys):
@@ -931,7 +1051,10 @@ def main(out_dir: Path | None = None) -> Path:
     for name, rows in splits.items():
         write_jsonl(out / shard(SFT_DIR if name.endswith("sft") else PREF_DIR, name), (r.data for r in rows))
     write_jsonl(out / SFT_DIR / "exact_match.jsonl", exact_match_rows(splits["test_sft"]))
-    tokenizer = build_tokenizer(tokenizer_corpus(splits))
+    # The tokenizer is fitted on the splits as drawn before the test splits were restricted to
+    # trained facts, so that restricting them left its vocabulary and ids (which tests and
+    # checkpoints pin) unchanged. Those splits hold every trained text and the same kind of text.
+    tokenizer = build_tokenizer(tokenizer_corpus(build_splits(restrict_tests=False)))
     tokenizer.save_pretrained(out / MODEL_DIR)
     build_config(len(tokenizer)).save_pretrained(out / MODEL_DIR)
     return out

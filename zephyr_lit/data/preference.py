@@ -34,16 +34,15 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.chat import render
+from zephyr_lit.data.base import ShardedDataModule
 from zephyr_lit.data.collate import pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split, load_split
-from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
 from zephyr_lit.data.sft import load_exact_match
 from zephyr_lit.data.tokenize import IGNORE_INDEX
 from zephyr_lit.data.validate import check_messages, require_columns, where
@@ -201,7 +200,7 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int | None 
 
 # ---- the data module ---------------------------------------------------------------------------
 @dataclass(eq=False)
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(ShardedDataModule):
     """Config fields mirror ``conf/data/ultrafeedback_*.yaml`` (and ``SFTDataModule`` where they overlap)."""
 
     path: str
@@ -301,59 +300,14 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         return kept.select_columns(list(COLUMNS))
 
-    # ---- loaders -------------------------------------------------------------------------
-    def _collate(self):
+    # ---- loaders (see data/base.py) -------------------------------------------------------
+    unit = "pairs"
+
+    def collate(self):
         return functools.partial(collate_pairs, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def _world(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0, 1
-        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
-
-    def check_global_batch_size(self) -> int:
-        """``data.batch_size x world size x trainer.accumulate_grad_batches``, checked against
-        ``data.global_batch_size`` when that is set (``ConfigError`` when they differ)."""
-        world_size, _, accumulate = self._world()
-        actual = self.batch_size * world_size * accumulate
-        devices = getattr(self.trainer, "num_devices", world_size)
-        nodes = getattr(self.trainer, "num_nodes", 1)
-        product = (f"data.batch_size={self.batch_size} x world size {world_size} (trainer.devices={devices} x "
-                   f"trainer.num_nodes={nodes}) x trainer.accumulate_grad_batches={accumulate} = {actual}")
-        if self.global_batch_size is not None and actual != self.global_batch_size:
-            raise ConfigError(
-                f"data.global_batch_size={self.global_batch_size} but {product} pairs per optimizer step; "
-                "change data.batch_size, trainer.devices, trainer.num_nodes or trainer.accumulate_grad_batches "
-                "(or set data.global_batch_size=null)"
-            )
-        log.info("global batch: %s pairs per optimizer step%s", product,
-                 "" if self.global_batch_size is None else " (= data.global_batch_size)")
-        return actual
-
-    def train_dataloader(self) -> DataLoader:
-        self.check_global_batch_size()
-        world_size, rank, accumulate = self._world()
-        # One count per pair: the sampler's window count (unused here) is then pairs per window.
-        sampler = WindowBatchSampler(
-            [1] * len(self.train_set), self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
-        )
-        if len(sampler) == 0:
-            raise DataError(
-                f"{self.path} split '{self.train_split}': {len(self.train_set)} pairs are fewer than one global "
-                f"micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
-            )
-        return DataLoader(
-            WindowedDataset(self.train_set.with_format(None)),
-            batch_sampler=sampler,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        world_size, rank, _ = self._world()
-        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
-        return self._sequential(shard)
+    def train_counts(self) -> list[int]:
+        return [1] * len(self.train_set)  # one per pair: the window count (unused by DPO) is pairs
 
     def precompute_dataloader(self, split: str) -> DataLoader:
         """The whole split (``"train"``/``"val"`` or its configured name), unshuffled, for caching the
@@ -365,16 +319,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if split not in sets:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(sets)}")
         dataset = sets[split]
-        world_size, rank, _ = self._world()
+        world_size, rank, _ = self.world()
         if world_size > 1:
             per_rank = -(-len(dataset) // world_size)
             dataset = dataset.select([i % len(dataset) for i in range(rank * per_rank, (rank + 1) * per_rank)])
-        return self._sequential(dataset)
-
-    def _sequential(self, dataset: datasets.Dataset) -> DataLoader:
-        return DataLoader(
-            dataset.with_format(None),
-            batch_size=self.eval_batch_size or self.batch_size,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-        )
+        return self.sequential_loader(dataset)

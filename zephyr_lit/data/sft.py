@@ -13,14 +13,12 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
-import lightning as L
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from zephyr_lit.data.base import ShardedDataModule
 from zephyr_lit.data.collate import pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split, load_split
-from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
 from zephyr_lit.data.tokenize import IGNORE_INDEX, pack_sequences, tokenize_conversation
 from zephyr_lit.data.validate import check_messages, require_columns, where
 from zephyr_lit.errors import DataError
@@ -61,7 +59,7 @@ def _check_row(row: dict, at: str) -> None:
 
 
 @dataclass(eq=False)
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ShardedDataModule):
     """Config fields mirror ``conf/data/*.yaml``; see the README for their meaning."""
 
     path: str
@@ -81,6 +79,7 @@ class SFTDataModule(L.LightningDataModule):
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
+    global_batch_size: int | None = None
     stats: dict[str, SplitStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,43 +150,14 @@ class SFTDataModule(L.LightningDataModule):
             )
         return kept.select_columns([c for c in ("input_ids", "labels", "position_ids", "num_labels") if c in kept.column_names])
 
-    # ---- loaders -------------------------------------------------------------------------
-    def _collate(self):
+    # ---- loaders (see data/base.py) -------------------------------------------------------
+    unit = "sequences"
+
+    def collate(self):
         return functools.partial(pad_batch, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def _world(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0, 1
-        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
-
-    def train_dataloader(self) -> DataLoader:
-        world_size, rank, accumulate = self._world()
-        sampler = WindowBatchSampler(
-            self.train_set["num_labels"], self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
-        )
-        if len(sampler) == 0:
-            raise DataError(
-                f"{self.path} split '{self.train_split}': {len(self.train_set)} rows are fewer than one global "
-                f"micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
-            )
-        return DataLoader(
-            WindowedDataset(self.train_set.with_format(None)),
-            batch_sampler=sampler,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        world_size, rank, _ = self._world()
-        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
-        return DataLoader(
-            shard.with_format(None),
-            batch_size=self.eval_batch_size or self.batch_size,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-        )
+    def train_counts(self) -> list[int]:
+        return self.train_set["num_labels"]  # the window's label tokens normalise the loss
 
 
 def load_exact_match(path: str) -> list[dict]:

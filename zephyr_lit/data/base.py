@@ -1,0 +1,96 @@
+"""Loaders shared by the SFT and preference data modules: rank shards and the global batch check."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+
+from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
+from zephyr_lit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class ShardedDataModule(L.LightningDataModule):
+    """Subclasses set ``train_set``/``val_set`` in ``prepare`` and provide ``collate()``,
+    ``train_counts()`` (what the sampler sums per window) and ``unit`` (what one row is)."""
+
+    unit = "rows"
+    path: str
+    train_split: str
+    batch_size: int
+    eval_batch_size: int | None
+    num_workers: int
+    shuffle: bool
+    seed: int
+    global_batch_size: int | None
+    train_set: datasets.Dataset | None
+    val_set: datasets.Dataset | None
+
+    def collate(self) -> Callable:
+        raise NotImplementedError
+
+    def train_counts(self) -> Sequence[int]:
+        raise NotImplementedError
+
+    def world(self) -> tuple[int, int, int]:
+        """``(world_size, rank, accumulate_grad_batches)``; ``(1, 0, 1)`` outside a trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+
+    def check_global_batch_size(self) -> int:
+        """``data.batch_size x world size x trainer.accumulate_grad_batches``, checked against
+        ``data.global_batch_size`` when that is set, and logged."""
+        world_size, _, accumulate = self.world()
+        actual = self.batch_size * world_size * accumulate
+        devices = getattr(self.trainer, "num_devices", world_size)
+        nodes = getattr(self.trainer, "num_nodes", 1)
+        product = (f"data.batch_size={self.batch_size} x world size {world_size} (trainer.devices={devices} x "
+                   f"trainer.num_nodes={nodes}) x trainer.accumulate_grad_batches={accumulate} = {actual}")
+        if self.global_batch_size is not None and actual != self.global_batch_size:
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size} but {product} {self.unit} per optimizer step; "
+                "change data.batch_size, trainer.devices, trainer.num_nodes or trainer.accumulate_grad_batches "
+                "(or set data.global_batch_size=null)"
+            )
+        log.info("global batch: %s %s per optimizer step%s", product, self.unit,
+                 "" if self.global_batch_size is None else " (= data.global_batch_size)")
+        return actual
+
+    def train_dataloader(self) -> DataLoader:
+        self.check_global_batch_size()
+        world_size, rank, accumulate = self.world()
+        sampler = WindowBatchSampler(
+            self.train_counts(), self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
+        )
+        if len(sampler) == 0:
+            raise DataError(
+                f"{self.path} split '{self.train_split}': {len(self.train_set)} {self.unit} are fewer than one "
+                f"global micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
+            )
+        return DataLoader(
+            WindowedDataset(self.train_set.with_format(None)),
+            batch_sampler=sampler,
+            collate_fn=self.collate(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        world_size, rank, _ = self.world()
+        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
+        return self.sequential_loader(shard)
+
+    def sequential_loader(self, dataset: datasets.Dataset) -> DataLoader:
+        return DataLoader(
+            dataset.with_format(None),
+            batch_size=self.eval_batch_size or self.batch_size,
+            collate_fn=self.collate(),
+            num_workers=self.num_workers,
+        )
