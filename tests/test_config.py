@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = ["model", "data", "module", "optim", "strategy", "trainer", "logger", "callbacks", "paths"]
-HUB_ONLY = {("model", "mistral-7b"), ("data", "ultrachat_200k")}  # need the hub: compose only
+# Need the hub or GPUs: compose and resolve only.
+COMPOSE_ONLY = {("model", "mistral-7b"), ("data", "ultrachat_200k"), ("data", "ultrafeedback_binarized"),
+                ("trainer", "gpu_2x8")}
 
 
 def options(group: str) -> list[str]:
@@ -22,7 +24,7 @@ def options(group: str) -> list[str]:
 def test_every_option_composes_and_builds(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}", f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    if (group, option) in HUB_ONLY or group in ("paths", "module"):
+    if (group, option) in COMPOSE_ONLY or group in ("paths", "module"):
         return
     node = cfg[group]
     built = [instantiate(v) for v in node.values()] if group in ("logger", "callbacks") else instantiate(node)
@@ -66,3 +68,25 @@ def test_wandb_is_offline_by_default_and_holds_no_key():
     cfg = compose_config([])
     assert cfg.logger.wandb.offline is True
     assert "api_key" not in OmegaConf.to_yaml(cfg).lower()
+
+
+def global_batch(cfg) -> int:
+    """Per-device batch x devices x nodes x accumulation, as the trainer will run it."""
+    return cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches
+
+
+def test_zephyr_7b_beta_recipes_derive_the_papers_global_batches():
+    dsft = compose_config(["+experiment=zephyr-7b-beta-dsft"])
+    ddpo = compose_config(["+experiment=zephyr-7b-beta-ddpo"])
+    assert global_batch(dsft) == dsft.data.global_batch_size == 512
+    assert global_batch(ddpo) == ddpo.data.global_batch_size == 32
+    assert (dsft.trainer.devices, dsft.trainer.num_nodes, dsft.trainer.precision) == (8, 2, "bf16-mixed")
+    assert dsft.data.packing and not dsft.data.assistant_only_loss and dsft.data.max_length == 2048
+    assert (ddpo.dpo.beta, ddpo.optim.lr, ddpo.optim.scheduler, ddpo.trainer.max_epochs) == (0.1, 5e-7, "linear", 3)
+    assert (ddpo.data.max_length, ddpo.data.max_prompt_length) == (1024, 512)
+    assert ddpo.model.name_or_path.endswith("zephyr-7b-beta-dsft/latest/model")
+    assert not ddpo.model.random_init and "tiny" not in ddpo.model.name_or_path
+    for cfg in (dsft, ddpo):
+        assert cfg.optim.weight_decay == 0.0 and cfg.model.dtype == "bfloat16"
+        assert cfg.model.attn_implementation == "flash_attention_2" and cfg.model.gradient_checkpointing
+        assert cfg.strategy.stage == 3
