@@ -113,3 +113,13 @@ def test_accumulated_micro_batches_give_the_global_token_mean(make_cfg, tmp_path
         torch.testing.assert_close(halves[name], weight, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(singles[name], weight, atol=1e-5, rtol=1e-4)
     assert max((whole[n] - start[n]).abs().max() for n in whole) > 1e-3  # the step did move the weights
+
+
+def test_packed_training_with_gradient_checkpointing_learns(make_cfg):
+    cfg = make_cfg("data.packing=true", "data.max_length=128", "model.gradient_checkpointing=true",
+                   "trainer.max_steps=8", "optim.lr=3e-3", "data.batch_size=4", "data.exact_match_path=null")
+    summary = train(cfg, update_latest=False)
+    stats = summary["data"]["train_sft"]
+    assert stats["rows"] == 256  # FAST: 256 conversations, packed into fewer rows of <= 128 tokens
+    assert summary["global_step"] == 8
+    assert summary["metrics"]["val/loss"] < summary["initial_metrics"]["val/loss"] - 0.5
