@@ -326,6 +326,78 @@ def test_pref_test_everyday_pairs_use_trained_replies(sft, prefs):
     assert n >= 10
 
 
+SUM_TOTAL = re.compile(r"^(?:.+! )?(\d+) \+ (\d+) (?:=|be) (\d+)\.$")
+CAPITAL_CITY = re.compile(r"^(?:.+! )?The capital (?:of|o') (.+?) (?:is|be) (.+)\.$")
+
+
+def final_replies(row: dict) -> tuple[str, str]:
+    """The chosen and rejected final replies of a preference row (the ones the DPO loss scores)."""
+    return row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+
+
+def rejected_by_fact(rows: list[dict]) -> dict[tuple, list[str]]:
+    """For each sum (operands) and capital (country) that rows score in their final turn, the
+    total or capital each rejected reply states, one entry per row."""
+    out: dict[tuple, list[str]] = {}
+    for row in rows:
+        chosen, rejected = final_replies(row)
+        for kind, pattern in (("sum", SUM_TOTAL), ("capital", CAPITAL_CITY)):
+            if (right := pattern.match(chosen)) and (wrong := pattern.match(rejected)):
+                assert wrong.groups()[:-1] == right.groups()[:-1], (chosen, rejected)  # same question
+                out.setdefault((kind, *right.groups()[:-1]), []).append(wrong.groups()[-1])
+    return out
+
+
+def test_train_prefs_scores_each_test_pair_with_its_own_replies(prefs):
+    """DPO lowers the rejected reply a pair shows: every test_prefs pair (sums, capitals, odd and
+    everyday questions alike) has a train_prefs pair in the same voice with the same chosen and
+    the same rejected reply, asked in a training wording."""
+    train: dict[tuple[str, str], list[dict]] = {}
+    for row in prefs["train_prefs"]:
+        train.setdefault(final_replies(row), []).append(row)
+    counts: dict[str, int] = {}
+    for row in prefs["test_prefs"]:
+        matches = [
+            m for m in train.get(final_replies(row), [])
+            if has_pirate_system(m["chosen"]) == has_pirate_system(row["chosen"])
+            and m["chosen"][-2]["content"] != row["chosen"][-2]["content"]  # another wording of the question
+        ]
+        assert matches, final_replies(row)
+        f = turn_facts(row["chosen"])[-1]
+        counts[f[0] if f else "everyday"] = counts.get(f[0] if f else "everyday", 0) + 1
+    assert counts["sum"] >= 30 and counts["capital"] >= 20 and counts["odd"] >= 15 and counts["everyday"] >= 10
+
+
+def test_train_prefs_rejects_several_wrong_facts_for_each_test_sum_and_capital(prefs):
+    """A test sum's operands are scored by at least 3 train_prefs pairs rejecting at least 3
+    different totals, the test pair's among them (the right total in the wrong voice counts as one);
+    a test capital's country by at least 2 pairs rejecting 2 different capitals, likewise."""
+    train = rejected_by_fact(prefs["train_prefs"])
+    test = rejected_by_fact(prefs["test_prefs"])
+    need = {"sum": 3, "capital": 2}
+    assert sum(len(v) for k, v in test.items() if k[0] == "sum") >= 30
+    assert sum(len(v) for k, v in test.items() if k[0] == "capital") >= 20
+    for fact_, wrongs in test.items():
+        scored = train.get(fact_, [])
+        assert len(scored) >= need[fact_[0]] and len(set(scored)) >= need[fact_[0]], (fact_, scored)
+        assert set(wrongs) <= set(scored), (fact_, wrongs, scored)
+
+
+def test_train_prefs_keeps_its_size_and_mix(prefs):
+    rows = prefs["train_prefs"]
+    assert len(rows) == 800 and len(prefs["test_prefs"]) == 100
+    kinds: dict[str, int] = {}
+    for row in rows:
+        f = turn_facts(row["chosen"])[-1]
+        kinds[f[0] if f else "everyday"] = kinds.get(f[0] if f else "everyday", 0) + 1
+    shares = {kind: n / len(rows) for kind, n in kinds.items()}
+    assert 0.3 <= shares["sum"] <= 0.45 and 0.22 <= shares["capital"] <= 0.33, shares
+    assert 0.15 <= shares["odd"] <= 0.25 and 0.1 <= shares["everyday"] <= 0.2, shares
+    pirate = sum(has_pirate_system(row["chosen"]) for row in rows)
+    assert 0.4 <= pirate / len(rows) <= 0.6
+    assert sum(len(replies(row["chosen"])) == 2 for row in rows) >= 40
+
+
 def test_datasets_loads_hub_layout(tmp_path):
     from datasets import load_dataset
 

@@ -14,7 +14,9 @@ Test prompts are never training prompts, but they reword trained facts: every su
 odd question of the test splits is taught by train_sft (test_prefs': also scored by train_prefs),
 and test_prefs asks trained everyday questions in held-out wordings with trained replies as the
 chosen ones, so that a held-out preference pair is answerable from training. Only test_sft keeps a
-few everyday questions held out entirely.
+few everyday questions held out entirely. train_prefs then scores, under training wordings, each
+test_prefs pair's own chosen and rejected replies, and several wrong sums and capitals for each of
+its sums and countries (DPO pushes down only the rejected replies it is shown).
 
 Everything is seeded, so two runs give byte-identical files. The tasks are ones a ~1M
 parameter model learns in minutes on a CPU: small sums, a capitals table, and answering in
@@ -821,9 +823,13 @@ def build_splits(seed: int = SEED, restrict_tests: bool = True) -> dict[str, lis
     facts that train_sft teaches; test_prefs only facts that train_sft teaches and that
     train_prefs scores, and its everyday questions are trained ones reworded, with trained replies
     as the chosen ones. So a held-out preference pair can be answered from what was trained.
+    Then train_prefs is made to score what each test_prefs pair asks (``covering_prefs``: the same
+    pair of replies under a training prompt, and more wrong sums and capitals for the same facts),
+    in place of as many rows about other facts; test_prefs is drawn before and stays as it was.
 
-    ``restrict_tests=False`` draws the test splits from all candidate questions instead, as
-    earlier versions did; the tokenizer is still fitted on those splits (see ``main``).
+    ``restrict_tests=False`` draws the test splits from all candidate questions instead and leaves
+    train_prefs as first drawn, as earlier versions did; the tokenizer is still fitted on those
+    splits (see ``main``).
     """
     rng = random.Random(seed)
     by_kind = build_questions(rng)
@@ -853,22 +859,122 @@ def build_splits(seed: int = SEED, restrict_tests: bool = True) -> dict[str, lis
     test_sft["everyday"] = by_kind["everyday"].test_sft  # held out entirely, on purpose
     test_prefs = {kind: known(split.test_prefs, both) for kind, split in by_kind.items()}
     test_prefs["everyday"] = reworded_everyday(train["everyday"], train_sft, both)
+    test_pref_rows = pref_split(
+        test_prefs, PREF_TEST_MIX, MULTI_TURN["test_prefs"], known_follow_ups(follow_ups, both), random.Random(seed + 4)
+    )
     return {
         "train_sft": train_sft,
         "test_sft": sft_split(
             test_sft, SFT_TEST_MIX, MULTI_TURN["test_sft"], known_follow_ups(follow_ups, taught), random.Random(seed + 2)
         ),
-        "train_prefs": train_prefs,
-        "test_prefs": pref_split(
-            test_prefs, PREF_TEST_MIX, MULTI_TURN["test_prefs"], known_follow_ups(follow_ups, both),
-            random.Random(seed + 4),
-        ),
+        "train_prefs": covering_prefs(train_prefs, test_pref_rows, train, random.Random(seed + 5)),
+        "test_prefs": test_pref_rows,
     }
 
 
 def known_follow_ups(follow_ups: dict[str, list[Item]], keys: set[str]) -> dict[str, list[Item]]:
     """The follow-up questions whose fact is in ``keys``."""
     return {kind: known(items, keys) for kind, items in follow_ups.items()}
+
+
+# Different rejected facts among the train_prefs pairs (final turns) about the fact of a test_prefs
+# pair: totals for a sum, capitals for a country. Odd and everyday test pairs get the one pair with
+# their own replies.
+COVER = {"arith": 3, "capital": 2}
+
+
+def system_of(row: Row) -> str | None:
+    """The system prompt of a preference row, None when it has none."""
+    first = row.data["chosen"][0]
+    return first["content"] if first["role"] == "system" else None
+
+
+def wrong_index(item: Item, rejected: str) -> int | None:
+    """Which of ``item``'s wrong facts ``rejected`` states (in either voice, any opener), if any."""
+    for index, (plain, pirate) in enumerate(zip(item.wrong_plain, item.wrong_pirate)):
+        if rejected in (plain, pirate) or rejected.endswith((" " + plain, " " + pirate)):
+            return index
+    return None
+
+
+def rejected_facts(item: Item, rows: list[Row]) -> set[int | None]:
+    """The wrong facts of ``item`` that the final rejected replies of ``rows`` state (None: the
+    right fact in the unasked voice)."""
+    return {wrong_index(item, row.data["rejected"][-1]["content"]) for row in rows}
+
+
+def fresh_question(items: list[Item], pirate: bool, seen: set, rng: random.Random) -> tuple[Item, str | None]:
+    """A training question of ``items`` with a system prompt of the asked voice, the pair not in
+    ``seen`` (which is updated)."""
+    systems = PIRATE_SYSTEM_PROMPTS if pirate else PLAIN_SYSTEM_PROMPTS
+    order = list(items)
+    rng.shuffle(order)
+    for item in order:
+        free = {s: w for s, w in systems.items() if (s, item.question) not in seen}
+        if free:
+            system = weighted_choice(free, rng)
+            seen.add((system, item.question))
+            return item, system
+    raise ValueError(f"no free training prompt left for {fact_key(items[0])} (pirate={pirate})")
+
+
+def covering_prefs(
+    train_prefs: list[Row], test_prefs: list[Row], train: dict[str, list[Item]], rng: random.Random
+) -> list[Row]:
+    """``train_prefs`` made to score what every test_prefs pair asks, at the same size and mix.
+
+    DPO lowers the one rejected reply a pair shows, so a held-out pair whose rejected reply is a
+    different wrong fact gets little push. For each test pair (its final turn, the one scored), this
+    adds under a training prompt of the same voice: a pair with the same chosen and rejected replies;
+    then, for a sum, pairs with other wrong totals (in both voices) until the pairs scoring those
+    operands reject at least ``COVER["arith"]`` different totals (the right one in the wrong voice
+    counts as one); for a capital, likewise with ``COVER["capital"]`` capitals. As many single-turn
+    rows of the same kind and voice whose facts no test pair asks are dropped, so that the size and
+    the mix of kinds and voices stay as drawn. No test prompt is used.
+    """
+    seen = {(system_of(row), row.data["prompt"]) for row in train_prefs}
+    test_keys = {key for row in test_prefs for key in row.keys}
+    by_key: dict[str, list[Item]] = {}
+    for items in train.values():
+        for item in items:
+            by_key.setdefault(fact_key(item), []).append(item)
+    scored: dict[str, list[Row]] = {}
+    for row in train_prefs:
+        scored.setdefault(row.keys[-1], []).append(row)
+    added: list[Row] = []
+
+    def add(item: Item, system: str | None, pirate: bool, chosen: str, rejected: str) -> None:
+        row = pref_row([(item, chosen)], rejected, system, pirate, item.kind, rng)
+        added.append(row)
+        scored.setdefault(row.keys[-1], []).append(row)
+
+    for test in test_prefs:
+        key, pirate = test.keys[-1], test.pirate
+        items = by_key[key]
+        item, system = fresh_question(items, pirate, seen, rng)
+        add(item, system, pirate, test.data["chosen"][-1]["content"], test.data["rejected"][-1]["content"])
+        voices = [pirate, not pirate]
+        while len(shown := rejected_facts(item, scored[key])) < COVER.get(test.kind, 0):
+            index = rng.choice([i for i in range(len(item.wrong_plain)) if i not in shown])
+            voice = voices[len(scored[key]) % 2]
+            item, system = fresh_question(items, voice, seen, rng)
+            chosen = reply(item, voice, rng)
+            rejected = f"{opener_of(chosen)} {item.wrong_pirate[index]}" if voice else item.wrong_plain[index]
+            add(item, system, voice, chosen, rejected)
+
+    drop: set[int] = set()
+    for kind, pirate in sorted({(row.kind, row.pirate) for row in added}):
+        n = sum((row.kind, row.pirate) == (kind, pirate) for row in added)
+        spare = [
+            i for i, row in enumerate(train_prefs)
+            if (row.kind, row.pirate) == (kind, pirate) and not row.multi_turn and not set(row.keys) & test_keys
+        ]
+        if len(spare) < n:
+            raise ValueError(f"only {len(spare)} rows of {kind} (pirate={pirate}) to make room for {n}")
+        drop.update(rng.sample(spare, n))
+    rows = [row for i, row in enumerate(train_prefs) if i not in drop] + added
+    rng.shuffle(rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1053,7 +1159,8 @@ def main(out_dir: Path | None = None) -> Path:
     write_jsonl(out / SFT_DIR / "exact_match.jsonl", exact_match_rows(splits["test_sft"]))
     # The tokenizer is fitted on the splits as drawn before the test splits were restricted to
     # trained facts, so that restricting them left its vocabulary and ids (which tests and
-    # checkpoints pin) unchanged. Those splits hold every trained text and the same kind of text.
+    # checkpoints pin) unchanged. Those splits hold every trained text and the same kind of text
+    # (train_prefs as first drawn, before ``covering_prefs`` swapped rows in: same kinds of text).
     tokenizer = build_tokenizer(tokenizer_corpus(build_splits(restrict_tests=False)))
     tokenizer.save_pretrained(out / MODEL_DIR)
     build_config(len(tokenizer)).save_pretrained(out / MODEL_DIR)
