@@ -144,3 +144,22 @@ def test_missing_dsft_model_says_what_to_run(make_cfg, tmp_path):
 
     with pytest.raises(ConfigError, match=r"no model there \(run `python train.py \+experiment=dsft` first"):
         prepare_run(make_cfg("+experiment=ddpo"))
+
+
+def test_rpo_adds_alpha_times_the_chosen_token_mean_nll(make_cfg, start_model):
+    import torch.nn.functional as F
+
+    plain = prepare_run(ddpo_cfg(make_cfg, start_model, "dpo.rpo_alpha=null"))
+    rpo = prepare_run(ddpo_cfg(make_cfg, start_model, "dpo.rpo_alpha=0.5"))
+    for run in (plain, rpo):
+        run.module.configure_model()
+        run.module.log = lambda *args, **kwargs: None  # no trainer attached: skip logging
+    batch = next(iter(plain.datamodule.val_dataloader()))
+    size = batch["index"].numel()
+    with torch.no_grad():
+        base = plain.module._step(batch, "val", "val")
+        with_rpo = rpo.module._step(batch, "val", "val")
+        logits = rpo.module.policy(input_ids=batch["input_ids"][:size], attention_mask=batch["attention_mask"][:size]).logits
+    # mean NLL over the chosen completions' tokens, straight from cross-entropy with shifted labels
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:size, 1:].reshape(-1))
+    torch.testing.assert_close(with_rpo - base, 0.5 * nll, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.evaluation import exact_match_rate
-from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs
+from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs, summed_token_nll
 from zephyr_lit.losses import LossType, dpo_loss
 from zephyr_lit.models import ModelSpec, build_model
 from zephyr_lit.reference import ReferenceSettings, freeze, load_logps, mixup_, save_logps
@@ -34,12 +34,15 @@ REFERENCE_PREFIX = "reference."
 class DPOSettings:
     """``dpo.*``: ``beta`` (temperature), ``loss_type`` (sigmoid | robust | ipo | hinge),
     ``label_smoothing`` (cDPO / robust), ``average_log_prob`` (mean instead of sum per sequence;
-    null = true for ipo only), ``ref`` (see ``ReferenceSettings``)."""
+    null = true for ipo only), ``rpo_alpha`` (RPO, Pang et al. 2024, as TRL's ``rpo_alpha``: adds
+    ``alpha *`` the chosen completions' mean token NLL, which keeps their likelihood from sinking),
+    ``ref`` (see ``ReferenceSettings``)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     average_log_prob: bool | None = None
+    rpo_alpha: float | None = None
     ref: ReferenceSettings = field(default_factory=ReferenceSettings)
 
     @property
@@ -129,7 +132,13 @@ class DPOModule(L.LightningModule):
         )
         loss = out.losses.mean()
         labels = batch["labels"]
-        metrics = {
+        metrics = {}
+        if self.dpo.rpo_alpha:
+            nll_sum, count = summed_token_nll(logits[:size], labels[:size])
+            chosen_nll = nll_sum / count.clamp(min=1)
+            loss = loss + self.dpo.rpo_alpha * chosen_nll
+            metrics["nll_loss"] = chosen_nll.detach()
+        metrics |= {
             "loss": loss.detach(),
             "rewards/chosen": out.chosen_rewards.mean(),
             "rewards/rejected": out.rejected_rewards.mean(),
