@@ -52,7 +52,7 @@ def test_reference_is_frozen_in_eval_and_never_trained(make_cfg, start_model):
 
 
 def test_validation_before_training_is_ln2_with_zero_rewards(make_cfg, start_model, tmp_path):
-    train(ddpo_cfg(make_cfg, start_model, "trainer.max_steps=2"))
+    train(ddpo_cfg(make_cfg, start_model, "trainer.max_steps=2", "dpo.rpo_alpha=null"))  # the plain DPO loss
     with open(tmp_path / "outputs" / "run" / "metrics.csv", newline="") as handle:
         first = next(r for r in csv.DictReader(handle) if r.get("val/loss"))
     assert first["step"] == "0"
