@@ -1,5 +1,6 @@
-"""notebooks/quickstart.ipynb runs top to bottom: a short dSFT run (parameters injected the papermill
-way), the model card's chat, and the loss plot, with every file written under pytest's tmp folder."""
+"""notebooks/quickstart.ipynb runs top to bottom: a short dSFT run and a short dDPO run from its export
+(parameters injected the papermill way), the model card's chat with each export, the dSFT loss plot and
+the dDPO reward plot, with every file written under pytest's tmp folder."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def test_quickstart_notebook_runs(tmp_path, hf_cache, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     with_parameters(nb, MAX_STEPS=40, OUTPUT_ROOT=str(root))
     client = NotebookClient(
-        nb, km=this_interpreters_kernel(), timeout=300, kernel_name="python3",
+        nb, km=this_interpreters_kernel(), timeout=600, kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},  # cwd = notebooks/, as in Jupyter
     )
     client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
@@ -56,7 +57,12 @@ def test_quickstart_notebook_runs(tmp_path, hf_cache, monkeypatch):
     assert "dSFT summary: 40 optimizer steps" in text, text[-3000:]
     assert re.search(r"^val/loss +[\d.]+ +[\d.]+$", text, re.M), text[-3000:]  # before and after
     assert "with the pirate system prompt:" in text and "without a system prompt:" in text, text[-3000:]
-    assert (root / "dsft" / "latest" / "model" / "model.safetensors").is_file()
-    assert (root / "dsft" / "latest" / "metrics.csv").is_file()
-    assert any("image/png" in o.get("data", {}) for o in outputs(nb, "display_data")), "no figure"
+    assert "dDPO summary: 40 optimizer steps" in text, text[-3000:]
+    assert re.search(r"^val/rewards/margins +-?0 +-?[\d.e+-]+$", text, re.M), text[-3000:]  # policy == reference at step 0
+    assert "dDPO, with the pirate system prompt:" in text, text[-3000:]
+    for stage in ("dsft", "ddpo"):
+        assert (root / stage / "latest" / "model" / "model.safetensors").is_file(), stage
+        assert (root / stage / "latest" / "metrics.csv").is_file(), stage
+    figures = [o for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+    assert len(figures) >= 2, f"{len(figures)} figure(s); expected the dSFT loss and the dDPO reward plots"
     assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before, "the notebook wrote into notebooks/"
