@@ -12,20 +12,16 @@ it follows the policy by TR-DPO mix-up; otherwise checkpoints leave it out and i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs, summed_token_nll
 from zephyr_lit.losses import LossType, dpo_loss
-from zephyr_lit.models import ModelSpec, build_model
+from zephyr_lit.models import build_model
+from zephyr_lit.modules.base import ChatModule
 from zephyr_lit.reference import ReferenceSettings, freeze, load_logps, mixup_, save_logps
-from zephyr_lit.schedule import build_scheduler
 
 REFERENCE_PREFIX = "reference."
 
@@ -52,25 +48,11 @@ class DPOSettings:
         return self.average_log_prob
 
 
-class DPOModule(L.LightningModule):
-    def __init__(
-        self,
-        model: ModelSpec,
-        optimizer: Callable,
-        dpo: DPOSettings,
-        scheduler: str = "linear",
-        warmup_ratio: float = 0.1,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        exact_match: list[dict] | None = None,
-        exact_match_max_new_tokens: int = 32,
-    ) -> None:
-        super().__init__()
-        self.model_spec, self.dpo = model, dpo
-        self.optimizer_factory = optimizer
-        self.scheduler_name, self.warmup_ratio = scheduler, warmup_ratio
-        self.tokenizer = tokenizer
-        self.exact_match = exact_match or []
-        self.exact_match_max_new_tokens = exact_match_max_new_tokens
+class DPOModule(ChatModule):
+    def __init__(self, *args, dpo: DPOSettings, **kwargs) -> None:
+        kwargs.setdefault("scheduler", "linear")
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
         self.policy = None
         self.reference = None
         self.cached_logps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (chosen, rejected)
@@ -162,9 +144,7 @@ class DPOModule(L.LightningModule):
         self._step(batch, "val", "val")
 
     def on_validation_epoch_end(self) -> None:
-        if self.exact_match and self.tokenizer is not None:
-            rate = exact_match_rate(self.trainer, self.policy, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens)
-            self.log("val/exact_match", rate, sync_dist=True)
+        self.log_exact_match()
 
     # ---- TR-DPO sync ---------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -190,13 +170,6 @@ class DPOModule(L.LightningModule):
         self._last_sync_step = checkpoint.get("dpo_last_sync_step", 0)
 
     # ---- optimisation ------------------------------------------------------------------------
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = build_scheduler(optimizer, self.scheduler_name, total_steps, self.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 

@@ -10,36 +10,17 @@ averages over ranks, so the gradient is that of ``sum over the window of nll / w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
-import lightning as L
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import summed_token_nll
-from zephyr_lit.models import ModelSpec, build_model
-from zephyr_lit.schedule import build_scheduler
+from zephyr_lit.models import build_model
+from zephyr_lit.modules.base import ChatModule
 
 
-class SFTModule(L.LightningModule):
-    def __init__(
-        self,
-        model: ModelSpec,
-        optimizer: Callable,
-        scheduler: str = "cosine",
-        warmup_ratio: float = 0.1,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        exact_match: list[dict] | None = None,
-        exact_match_max_new_tokens: int = 32,
-    ) -> None:
-        super().__init__()
-        self.model_spec = model
-        self.optimizer_factory = optimizer
-        self.scheduler_name, self.warmup_ratio = scheduler, warmup_ratio
-        self.tokenizer = tokenizer
-        self.exact_match = exact_match or []
-        self.exact_match_max_new_tokens = exact_match_max_new_tokens
+class SFTModule(ChatModule):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.model = None
         self._reset_window()
 
@@ -99,14 +80,4 @@ class SFTModule(L.LightningModule):
         loss = (nll / tokens.clamp(min=1)).float()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/perplexity", torch.exp(loss), sync_dist=True)
-        if self.exact_match and self.tokenizer is not None:
-            rate = exact_match_rate(self.trainer, self.model, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens)
-            self.log("val/exact_match", rate, sync_dist=True)
-
-    # ---- optimisation -----------------------------------------------------------------------
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = build_scheduler(optimizer, self.scheduler_name, total_steps, self.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        self.log_exact_match()

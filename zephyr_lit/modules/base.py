@@ -1,0 +1,55 @@
+"""What the SFT and DPO modules share: the optimiser and schedule, and the exact-match metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+from transformers import PreTrainedTokenizerBase
+
+from zephyr_lit.evaluation import exact_match_rate
+from zephyr_lit.models import ModelSpec
+from zephyr_lit.schedule import build_scheduler
+
+
+class ChatModule(L.LightningModule):
+    """Subclasses build their networks in ``configure_model`` and name the trained one in
+    ``trained_model`` (it gets the optimizer, the exact-match generations and the export)."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        optimizer: Callable,
+        scheduler: str = "cosine",
+        warmup_ratio: float = 0.1,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        exact_match: list[dict] | None = None,
+        exact_match_max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.model_spec = model
+        self.optimizer_factory = optimizer
+        self.scheduler_name, self.warmup_ratio = scheduler, warmup_ratio
+        self.tokenizer = tokenizer
+        self.exact_match = exact_match or []
+        self.exact_match_max_new_tokens = exact_match_max_new_tokens
+
+    @property
+    def trained_model(self):
+        raise NotImplementedError
+
+    def log_exact_match(self) -> None:
+        """``val/exact_match``: greedy replies to the held-out checkable prompts, compared exactly."""
+        if self.exact_match and self.tokenizer is not None:
+            rate = exact_match_rate(
+                self.trainer, self.trained_model, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens
+            )
+            self.log("val/exact_match", rate, sync_dist=True)
+
+    def configure_optimizers(self):
+        """The configured optimizer over the trained model's parameters; warmup + decay per step."""
+        params = [p for p in self.trained_model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = build_scheduler(optimizer, self.scheduler_name, total_steps, self.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
