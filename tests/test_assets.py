@@ -383,6 +383,29 @@ def test_train_prefs_rejects_several_wrong_facts_for_each_test_sum_and_capital(p
         assert set(wrongs) <= set(scored), (fact_, wrongs, scored)
 
 
+def test_train_prefs_rejects_each_exact_match_sum_total_in_both_voices(sft, prefs):
+    """DPO pushes a wrong total down only in the voice it saw it in: for every sum that exact_match
+    asks, each wrong total a train_prefs pair rejects in one voice is also rejected in the other,
+    with the right total chosen in that voice, under a training wording."""
+    exact = {m.groups()[:2] for r in read_jsonl(asset_path(EXACT_MATCH)) if (m := SUM_TOTAL.match(r["answer"]))}
+    assert len(exact) >= 20
+    test_prompts = {r["prompt"] for r in prefs["test_prefs"]} | {r["prompt"] for r in sft["test_sft"]}
+    wrong: dict[tuple, dict[bool, set[str]]] = {}
+    for row in prefs["train_prefs"]:
+        chosen, rejected = final_replies(row)
+        right, bad = SUM_TOTAL.match(chosen), SUM_TOTAL.match(rejected)
+        if not (right and bad) or right.groups()[:2] not in exact or bad.group(3) == right.group(3):
+            continue
+        pirate = has_pirate_system(row["chosen"])
+        assert int(right.group(3)) == int(right.group(1)) + int(right.group(2)), chosen
+        assert sounds_like_pirate(chosen) == sounds_like_pirate(rejected) == pirate, (chosen, rejected)
+        assert row["prompt"] not in test_prompts
+        wrong.setdefault(right.groups()[:2], {True: set(), False: set()})[pirate].add(bad.group(3))
+    assert len(wrong) >= 10  # the other exact_match sums have no wrong total rejected in train_prefs
+    for operands, by_voice in wrong.items():
+        assert by_voice[True] == by_voice[False], (operands, by_voice)
+
+
 def test_train_prefs_keeps_its_size_and_mix(prefs):
     rows = prefs["train_prefs"]
     assert len(rows) == 800 and len(prefs["test_prefs"]) == 100

@@ -780,6 +780,11 @@ def exact_match_rows(test_sft: list[Row]) -> list[dict]:
     return out
 
 
+def exact_match_keys(test_sft: list[Row]) -> set[str]:
+    """The sum facts (``"arith:a+b"``) that ``exact_match_rows`` asks."""
+    return {row.keys[0] for row in test_sft if row.kind == "arith" and not row.pirate and not row.multi_turn}
+
+
 def known(items: list[Item], keys: set[str]) -> list[Item]:
     """The questions of ``items`` whose fact is in ``keys``."""
     return [item for item in items if fact_key(item) in keys]
@@ -862,12 +867,15 @@ def build_splits(seed: int = SEED, restrict_tests: bool = True) -> dict[str, lis
     test_pref_rows = pref_split(
         test_prefs, PREF_TEST_MIX, MULTI_TURN["test_prefs"], known_follow_ups(follow_ups, both), random.Random(seed + 4)
     )
+    test_sft_rows = sft_split(
+        test_sft, SFT_TEST_MIX, MULTI_TURN["test_sft"], known_follow_ups(follow_ups, taught), random.Random(seed + 2)
+    )
     return {
         "train_sft": train_sft,
-        "test_sft": sft_split(
-            test_sft, SFT_TEST_MIX, MULTI_TURN["test_sft"], known_follow_ups(follow_ups, taught), random.Random(seed + 2)
+        "test_sft": test_sft_rows,
+        "train_prefs": covering_prefs(
+            train_prefs, test_pref_rows, train, random.Random(seed + 5), exact_match_keys(test_sft_rows)
         ),
-        "train_prefs": covering_prefs(train_prefs, test_pref_rows, train, random.Random(seed + 5)),
         "test_prefs": test_pref_rows,
     }
 
@@ -918,8 +926,23 @@ def fresh_question(items: list[Item], pirate: bool, seen: set, rng: random.Rando
     raise ValueError(f"no free training prompt left for {fact_key(items[0])} (pirate={pirate})")
 
 
+def rejected_by_voice(item: Item, rows: list[Row]) -> dict[bool, set[int]]:
+    """For each voice (pirate or not), the wrong facts of ``item`` that final rejected replies of
+    ``rows`` in that voice state (the right fact in the unasked voice is left out)."""
+    out: dict[bool, set[int]] = {True: set(), False: set()}
+    for row in rows:
+        index = wrong_index(item, row.data["rejected"][-1]["content"])
+        if index is not None:
+            out[row.pirate].add(index)
+    return out
+
+
 def covering_prefs(
-    train_prefs: list[Row], test_prefs: list[Row], train: dict[str, list[Item]], rng: random.Random
+    train_prefs: list[Row],
+    test_prefs: list[Row],
+    train: dict[str, list[Item]],
+    rng: random.Random,
+    symmetric_keys: Iterable[str] = (),
 ) -> list[Row]:
     """``train_prefs`` made to score what every test_prefs pair asks, at the same size and mix.
 
@@ -931,9 +954,17 @@ def covering_prefs(
     counts as one); for a capital, likewise with ``COVER["capital"]`` capitals. As many single-turn
     rows of the same kind and voice whose facts no test pair asks are dropped, so that the size and
     the mix of kinds and voices stay as drawn. No test prompt is used.
+
+    Then, for the sums of ``symmetric_keys`` (those exact_match asks) and of the test pairs, every
+    wrong total rejected in one voice is also rejected in the other (a pair in that voice with the
+    right total chosen): DPO pushes a wrong total down only in the voice it saw it in, so a total
+    rejected only in pirate voice could win a plain-voice question. Those facts are kept out of the
+    dropped rows too.
     """
     seen = {(system_of(row), row.data["prompt"]) for row in train_prefs}
     test_keys = {key for row in test_prefs for key in row.keys}
+    symmetric = sorted({k for k in test_keys | set(symmetric_keys) if k.startswith("arith:")})
+    keep_keys = test_keys | set(symmetric)
     by_key: dict[str, list[Item]] = {}
     for items in train.values():
         for item in items:
@@ -962,12 +993,22 @@ def covering_prefs(
             rejected = f"{opener_of(chosen)} {item.wrong_pirate[index]}" if voice else item.wrong_plain[index]
             add(item, system, voice, chosen, rejected)
 
+    for key in symmetric:
+        items = by_key[key]
+        shown = rejected_by_voice(items[0], scored.get(key, []))
+        for voice in (True, False):
+            for index in sorted(shown[not voice] - shown[voice]):
+                item, system = fresh_question(items, voice, seen, rng)
+                chosen = reply(item, voice, rng)
+                rejected = f"{opener_of(chosen)} {item.wrong_pirate[index]}" if voice else item.wrong_plain[index]
+                add(item, system, voice, chosen, rejected)
+
     drop: set[int] = set()
     for kind, pirate in sorted({(row.kind, row.pirate) for row in added}):
         n = sum((row.kind, row.pirate) == (kind, pirate) for row in added)
         spare = [
             i for i, row in enumerate(train_prefs)
-            if (row.kind, row.pirate) == (kind, pirate) and not row.multi_turn and not set(row.keys) & test_keys
+            if (row.kind, row.pirate) == (kind, pirate) and not row.multi_turn and not set(row.keys) & keep_keys
         ]
         if len(spare) < n:
             raise ValueError(f"only {len(spare)} rows of {kind} (pirate={pirate}) to make room for {n}")
