@@ -45,3 +45,4 @@ def test_dsft_then_ddpo_recipes(tmp_path, hf_cache):
     assert ddpo["metrics"]["val/rewards/accuracies"] >= 0.9
     assert ddpo["metrics"]["val/rewards/margins"] > 0
     assert ddpo["initial_metrics"]["val/exact_match"] == summary["metrics"]["val/exact_match"]
+    assert ddpo["metrics"]["val/exact_match"] >= summary["metrics"]["val/exact_match"]  # alignment costs no skill
