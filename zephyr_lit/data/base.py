@@ -8,8 +8,13 @@ from collections.abc import Callable, Sequence
 import datasets
 import lightning as L
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from zephyr_lit.data.exact_match import load_exact_match
+from zephyr_lit.data.load import Split, load_split
 
 from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
+from zephyr_lit.data.validate import require_columns
 from zephyr_lit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -31,8 +36,42 @@ class ShardedDataModule(L.LightningDataModule):
     train_set: datasets.Dataset | None
     val_set: datasets.Dataset | None
 
+    required_columns: tuple[str, ...] = ()
+    cache_dir: str | None
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    exact_match_path: str | None
+
     def collate(self) -> Callable:
         raise NotImplementedError
+
+    @staticmethod
+    def check_row(row: dict, at: str) -> None:
+        """Explains a row that Arrow cannot read (see ``load_split``)."""
+
+    def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+        """Check, tokenise (cached by fingerprint) and filter one loaded split."""
+        raise NotImplementedError
+
+    # ---- data work, before any model exists -------------------------------------------------
+    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Load, check and tokenise both splits; load the exact-match prompts."""
+        self.pad_id = tokenizer.pad_token_id
+        self.train_set = self.build(self.load(self.train_split, self.max_train_samples), tokenizer)
+        self.val_set = self.build(self.load(self.test_split, self.max_eval_samples), tokenizer)
+        if self.exact_match_path:
+            self.exact_match = load_exact_match(self.exact_match_path)
+
+    def load(self, split: str, limit: int | None) -> Split:
+        """One split, its required columns checked, cut to ``limit`` rows when set."""
+        loaded = load_split(self.path, split, self.cache_dir, row_check=self.check_row)
+        require_columns(loaded.dataset.column_names, self.required_columns, loaded.source, split)
+        if limit is not None and limit < len(loaded.dataset):
+            loaded.dataset = loaded.dataset.select(range(limit))
+        return loaded
+
+    def summary_stats(self) -> dict[str, dict]:
+        return {name: vars(stats) for name, stats in self.stats.items()}
 
     def train_counts(self) -> Sequence[int]:
         raise NotImplementedError

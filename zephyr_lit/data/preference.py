@@ -42,10 +42,9 @@ from zephyr_lit.chat import render
 from zephyr_lit.data.base import ShardedDataModule
 from zephyr_lit.data.collate import pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
-from zephyr_lit.data.load import Split, load_split
-from zephyr_lit.data.sft import load_exact_match
+from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX
-from zephyr_lit.data.validate import check_messages, require_columns, where
+from zephyr_lit.data.validate import check_messages, where
 from zephyr_lit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -222,6 +221,9 @@ class PreferenceDataModule(ShardedDataModule):
     global_batch_size: int | None = None
     stats: dict[str, PreferenceSplitStats] = field(default_factory=dict)
 
+    required_columns = SIDES
+    check_row = staticmethod(_check_row)
+
     def __post_init__(self) -> None:
         super().__init__()
         if self.max_prompt_length is not None and self.max_prompt_length < 2:
@@ -231,26 +233,7 @@ class PreferenceDataModule(ShardedDataModule):
         self.exact_match: list[dict] = []
         self.pad_id: int | None = None
 
-    # ---- data work, before any model exists -------------------------------------------------
-    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Load, check and tokenise both splits; load the exact-match prompts."""
-        self.pad_id = tokenizer.pad_token_id
-        self.train_set = self._build(self._load(self.train_split, self.max_train_samples), tokenizer)
-        self.val_set = self._build(self._load(self.test_split, self.max_eval_samples), tokenizer)
-        if self.exact_match_path:
-            self.exact_match = load_exact_match(self.exact_match_path)
-
-    def summary_stats(self) -> dict[str, dict]:
-        return {name: vars(stats) for name, stats in self.stats.items()}
-
-    def _load(self, split: str, limit: int | None) -> Split:
-        loaded = load_split(self.path, split, self.cache_dir, row_check=_check_row)
-        require_columns(loaded.dataset.column_names, SIDES, loaded.source, split)
-        if limit is not None and limit < len(loaded.dataset):
-            loaded.dataset = loaded.dataset.select(range(limit))
-        return loaded
-
-    def _build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         settings = [PREFERENCE_VERSION, split.dataset._fingerprint, tokenizer_fingerprint(tokenizer),
                     self.max_length, self.max_prompt_length]
         tokenized = split.dataset.map(

@@ -8,7 +8,6 @@ before any model is built, so bad data fails fast.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -18,9 +17,9 @@ from transformers import PreTrainedTokenizerBase
 from zephyr_lit.data.base import ShardedDataModule
 from zephyr_lit.data.collate import pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
-from zephyr_lit.data.load import Split, load_split
+from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX, pack_sequences, tokenize_conversation
-from zephyr_lit.data.validate import check_messages, require_columns, where
+from zephyr_lit.data.validate import check_messages, where
 from zephyr_lit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,9 @@ class SFTDataModule(ShardedDataModule):
     global_batch_size: int | None = None
     stats: dict[str, SplitStats] = field(default_factory=dict)
 
+    required_columns = ("messages",)
+    check_row = staticmethod(_check_row)
+
     def __post_init__(self) -> None:
         super().__init__()
         self.train_set: datasets.Dataset | None = None
@@ -89,23 +91,7 @@ class SFTDataModule(ShardedDataModule):
         self.exact_match: list[dict] = []
         self.pad_id: int | None = None
 
-    # ---- data work, before any model exists -------------------------------------------------
-    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Load, check, tokenise (and pack) both splits; load the exact-match prompts."""
-        self.pad_id = tokenizer.pad_token_id
-        self.train_set = self._build(self._load(self.train_split, self.max_train_samples), tokenizer)
-        self.val_set = self._build(self._load(self.test_split, self.max_eval_samples), tokenizer)
-        if self.exact_match_path:
-            self.exact_match = load_exact_match(self.exact_match_path)
-
-    def _load(self, split: str, limit: int | None) -> Split:
-        loaded = load_split(self.path, split, self.cache_dir, row_check=_check_row)
-        require_columns(loaded.dataset.column_names, ("messages",), loaded.source, split)
-        if limit is not None and limit < len(loaded.dataset):
-            loaded.dataset = loaded.dataset.select(range(limit))
-        return loaded
-
-    def _build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         settings = [split.dataset._fingerprint, tokenizer_fingerprint(tokenizer), self.max_length, self.assistant_only_loss]
         tokenized = split.dataset.map(
             functools.partial(
@@ -158,19 +144,3 @@ class SFTDataModule(ShardedDataModule):
 
     def train_counts(self) -> list[int]:
         return self.train_set["num_labels"]  # the window's label tokens normalise the loss
-
-
-def load_exact_match(path: str) -> list[dict]:
-    """Rows ``{prompt_id, messages, answer}``: prompts with one checkable answer."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            at = f"{path} row {index}"
-            if not isinstance(row.get("answer"), str):
-                raise DataError(f"{at}: field 'answer' must be a string")
-            check_messages([*row.get("messages", []), {"role": "assistant", "content": row["answer"]}], at)
-            rows.append(row)
-    return rows
