@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zephyr_lit.data.load import looks_local
 from zephyr_lit.errors import ConfigError
+from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, check_attention
 from zephyr_lit.schedule import SCHEDULES
@@ -20,9 +21,13 @@ def _asset(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${asset:tiny-mistral}``: absolute path of a file shipped in ``zephyr_lit/assets``."""
+    """``${asset:tiny-mistral}``: absolute path of a file shipped in ``zephyr_lit/assets``.
+    ``${run_stamp:}``: the run folder's name, the same on every rank (see ``zephyr_lit.launch``); cached
+    in the config like ``${now:}``, so a sweep's jobs (submitit's too) see the value their sweep used."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", lambda: run_stamp(), use_cache=True)
 
 
 register_resolvers()

@@ -9,8 +9,13 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
+def export_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, state_dict: dict | None = None
+) -> Path:
     """Write model (safetensors), tokenizer, chat template and generation config to ``target``.
+
+    ``state_dict`` replaces the model's own weights (a ZeRO-3 model holds only shards: pass
+    ``zero3.gathered_state_dict(model)``).
 
     Everything is written to a temporary sibling folder first and renamed into place, so ``target``
     is never half-written; an existing export is replaced only once the new one is complete.
@@ -21,7 +26,7 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tar
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -24,6 +24,7 @@ from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.models import load_tokenizer
 from zephyr_lit.reference import cache_key, weights_identity
+from zephyr_lit.zero3 import gathered_state_dict, is_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
 
     export_dir = output_dir / "model"
+    model = module.trained_model
+    weights = gathered_state_dict(model) if is_partitioned(model) else None  # every rank gathers, rank 0 keeps
     if trainer.is_global_zero:
-        export_model(module.trained_model, run.tokenizer, export_dir)
+        export_model(model, run.tokenizer, export_dir, state_dict=weights)
     trainer.strategy.barrier()
     summary = {
         "experiment": cfg.experiment_name,

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.models import ModelSpec
 from zephyr_lit.schedule import build_scheduler
+from zephyr_lit.zero3 import hf_deepspeed_config, zero3_config
 
 
 class ChatModule(L.LightningModule):
@@ -33,6 +34,14 @@ class ChatModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.exact_match = exact_match or []
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
+        self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
+
+    def hold_zero3_loading_config(self) -> None:
+        """Call at the top of ``configure_model``: under ZeRO-3, keep an ``HfDeepSpeedConfig`` alive so
+        ``from_pretrained`` (run inside ``zero.Init``) loads into the shards and ``generate`` syncs ranks."""
+        config = zero3_config(self._trainer)
+        if config is not None and self._hf_deepspeed_config is None:
+            self._hf_deepspeed_config = hf_deepspeed_config(config)
 
     @property
     def trained_model(self):

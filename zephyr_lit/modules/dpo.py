@@ -12,10 +12,12 @@ it follows the policy by TR-DPO mix-up; otherwise checkpoints leave it out and i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs, summed_token_nll
 from zephyr_lit.losses import LossType, dpo_loss
@@ -24,6 +26,7 @@ from zephyr_lit.modules.base import ChatModule
 from zephyr_lit.reference import ReferenceSettings, freeze, load_logps, mixup_, save_logps
 
 REFERENCE_PREFIX = "reference."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class DPOModule(ChatModule):
     # ---- models ------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Policy and reference from the same spec (under ZeRO-3 both are partitioned alike)."""
+        self.hold_zero3_loading_config()
         if self.policy is None:
             self.policy = build_model(self.model_spec)
         if self.reference is None and not self.cached_logps:
@@ -154,6 +158,17 @@ class DPOModule(ChatModule):
             self._last_sync_step = step
 
     # ---- checkpoints: the reference only when it moved ------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under DeepSpeed, sharded checkpoints leave the frozen reference out
+        (``strategy.exclude_frozen_parameters``) unless TR-DPO moves it; loading is then not strict,
+        since ``configure_model`` rebuilds the reference from the start weights."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            if self.dpo.ref.sync_steps and strategy.exclude_frozen_parameters:
+                log.info("dpo.ref.sync_steps moves the reference: DeepSpeed checkpoints keep it")
+                strategy.exclude_frozen_parameters = False
+            self.strict_loading = not strategy.exclude_frozen_parameters
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if not self.dpo.ref.sync_steps:
             state = checkpoint["state_dict"]
@@ -162,9 +177,10 @@ class DPOModule(ChatModule):
         checkpoint["dpo_last_sync_step"] = self._last_sync_step
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A checkpoint without reference weights gets the rebuilt start weights (same as at start)."""
-        state = checkpoint["state_dict"]
-        if self.reference is not None and not any(k.startswith(REFERENCE_PREFIX) for k in state):
+        """A checkpoint without reference weights gets the rebuilt start weights (same as at start).
+        (DeepSpeed restores the weights itself and hands over no ``state_dict`` here.)"""
+        state = checkpoint.get("state_dict")
+        if state is not None and self.reference is not None and not any(k.startswith(REFERENCE_PREFIX) for k in state):
             for key, value in self.reference.state_dict().items():
                 state[REFERENCE_PREFIX + key] = value
         self._last_sync_step = checkpoint.get("dpo_last_sync_step", 0)

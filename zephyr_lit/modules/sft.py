@@ -31,6 +31,7 @@ class SFTModule(ChatModule):
 
     def configure_model(self) -> None:
         """Build the network here: under DeepSpeed ZeRO-3, Lightning runs this inside ``zero.Init``."""
+        self.hold_zero3_loading_config()
         if self.model is None:
             self.model = build_model(self.model_spec)
 

@@ -1,0 +1,76 @@
+"""DeepSpeed ZeRO-3 specifics: partition-aware loading and a consolidated 16-bit state dict.
+
+Under ZeRO-3 every parameter is a flat shard on each rank (full shape only inside
+``deepspeed.zero.GatheredParameters``; each carries a ``ds_id``). Two things follow:
+
+- ``transformers`` loads weights shard-aware (and turns on ``synced_gpus`` in ``generate``) only
+  while an ``HfDeepSpeedConfig`` object is alive, and it keeps only a weak reference to it: the
+  module must hold one for as long as the models live (else every weight "mismatches" with shape [0]).
+- an export must gather the shards: one submodule at a time, onto rank 0's CPU, so no rank ever
+  holds a full copy of the model on its device.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+
+def zero3_config(trainer: L.Trainer | None) -> dict | None:
+    """The DeepSpeed config dict when ``trainer`` runs ZeRO stage 3, else None."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.config is not None and strategy.zero_stage_3:
+        return strategy.config
+    return None
+
+
+def hf_deepspeed_config(config: dict):
+    """An ``HfDeepSpeedConfig`` for ``config``: keep the returned object alive while loading and using the models."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict of ``model`` on rank 0's CPU (None on the other ranks).
+
+    Partitioned (ZeRO-3) models are gathered one submodule at a time; every rank must call this.
+    Parameters shared between submodules (same ``ds_id``) stay shared in the result. Without
+    partitioning this is just ``model.state_dict()`` moved to CPU.
+    """
+    if not is_partitioned(model):
+        return OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+
+    import deepspeed
+    import torch.distributed as dist
+
+    is_zero = dist.get_rank() == 0
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    seen: dict[int, str] = {}
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if is_zero:
+                for name, param in module.named_parameters(recurse=False):
+                    key = prefix + name
+                    if param.ds_id in seen:
+                        state[key] = state[seen[param.ds_id]]
+                    else:
+                        state[key] = param.detach().cpu().clone()
+                        seen[param.ds_id] = key
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None and name not in module._non_persistent_buffers_set:
+                        state[prefix + name] = buffer.detach().cpu().clone()
+        for name, child in module.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(model, "")
+    return state if is_zero else None
