@@ -47,6 +47,13 @@ class ChatModule(L.LightningModule):
     def trained_model(self):
         raise NotImplementedError
 
+    def for_backward(self, loss):
+        """The loss to return from ``training_step``. Lightning divides it by ``accumulate_grad_batches``;
+        where the strategy accumulates itself (DeepSpeed), the engine divides it once more: undo that."""
+        if self.trainer.strategy.handles_gradient_accumulation:
+            return loss * self.trainer.accumulate_grad_batches
+        return loss
+
     def log_exact_match(self) -> None:
         """``val/exact_match``: greedy replies to the held-out checkable prompts, compared exactly."""
         if self.exact_match and self.tokenizer is not None:

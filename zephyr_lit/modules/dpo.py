@@ -136,13 +136,16 @@ class DPOModule(ChatModule):
             "logits/rejected": masked_logit_mean(logits[size:].detach(), labels[size:]),
         }
         on_step = stage == "train"
+        # The epoch means (val) are sum(value x batch_size) / sum(batch_size) over all ranks: Lightning
+        # syncs both with a mean, and an integer count would be floor-divided by the world size
+        # (33 pairs on 2 ranks: /16 instead of /16.5), so the count is a float.
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=True,
-                     batch_size=size, prog_bar=name in ("loss", "rewards/accuracies"))
+                     batch_size=float(size), prog_bar=name in ("loss", "rewards/accuracies"))
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", "train")
+        return self.for_backward(self._step(batch, "train", "train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val", "val")

@@ -45,7 +45,7 @@ class SFTModule(ChatModule):
         window_tokens = batch["window_tokens"].clamp(min=1)
         self._window_nll += nll_sum.detach() / window_tokens
         self._window_real_tokens += batch["num_tokens"]
-        return nll_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / window_tokens
+        return self.for_backward(nll_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / window_tokens)
 
     def _reset_window(self) -> None:
         self._window_nll = torch.zeros((), device=self.device)
