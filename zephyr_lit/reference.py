@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zephyr_lit.zero3 import is_partitioned
+
 
 @dataclass
 class ReferenceSettings:
@@ -35,10 +37,31 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def mixup_(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
-    """TR-DPO soft update, in place: ``ref <- alpha * policy + (1 - alpha) * ref`` for every parameter."""
-    for ref_param, policy_param in zip(reference.parameters(), policy.parameters(), strict=True):
-        ref_param.mul_(1.0 - alpha).add_(policy_param.detach().to(ref_param.dtype), alpha=alpha)
+    """TR-DPO soft update, in place: ``ref <- alpha * policy + (1 - alpha) * ref`` for every parameter.
+
+    Under ZeRO-3 (every rank must call it) each pair of submodules is gathered in turn, mixed on
+    rank 0 and re-partitioned from there, so no rank holds more than one layer in full."""
+
+    def mix(ref_params: list[nn.Parameter], policy_params: list[nn.Parameter]) -> None:
+        for ref_param, policy_param in zip(ref_params, policy_params, strict=True):
+            ref_param.mul_(1.0 - alpha).add_(policy_param.detach().to(ref_param.dtype), alpha=alpha)
+
+    if not is_partitioned(reference):
+        mix(list(reference.parameters()), list(policy.parameters()))
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    for ref_module, policy_module in zip(reference.modules(), policy.modules(), strict=True):
+        ref_params = list(ref_module.parameters(recurse=False))
+        policy_params = list(policy_module.parameters(recurse=False))
+        if ref_params:
+            with deepspeed.zero.GatheredParameters(policy_params, modifier_rank=None):  # read only
+                with deepspeed.zero.GatheredParameters(ref_params, modifier_rank=0):  # rank 0's result kept
+                    if dist.get_rank() == 0:
+                        mix(ref_params, policy_params)
 
 
 def weights_identity(name_or_path: str, revision: str | None) -> str:

@@ -1,0 +1,111 @@
+"""Real DeepSpeed ZeRO-3 on CPU processes (gloo), through ``zephyr_lit.run.train``.
+
+Each run is ``tests/zero3/run_zero3.py`` in a subprocess (Lightning re-executes it for rank 1) with
+the test-only ``CPUDeepSpeedStrategy``; ``tests/zero3/probe.py`` records per rank whether the
+models are partitioned and hashes of their gathered weights at the start and end of ``fit``.
+``stage3_param_persistence_threshold=0`` so that even the tiny model's parameters are partitioned.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY_DPO = ["+experiment=ddpo", "model.name_or_path=${asset:tiny-mistral}", "model.random_init=true",
+            "data.batch_size=4", "data.max_train_samples=64", "data.max_eval_samples=16"]
+
+
+def run_zero3(tmp_path: Path, name: str, *overrides: str, devices: int = 2) -> list[dict]:
+    out = tmp_path / name
+    cmd = [
+        sys.executable, "tests/zero3/run_zero3.py", str(out / "probe"),
+        f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", f"trainer.devices={devices}",
+        "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "data.exact_match_path=null", "optim.scheduler=constant", "optim.warmup_ratio=0",
+        "strategy.config.zero_optimization.stage3_param_persistence_threshold=0", *overrides,
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    return [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in range(devices)]
+
+
+def model_states_bytes(run: Path) -> int:
+    return sum(p.stat().st_size for p in (run / "checkpoints" / "last.ckpt").rglob("*model_states.pt"))
+
+
+def test_dpo_policy_and_frozen_reference_partitioned_trained_saved_and_resumed(tmp_path):
+    first = run_zero3(tmp_path, "first", *TINY_DPO, "trainer.max_steps=2")
+    for facts in first:
+        for name in ("policy", "reference"):
+            assert facts[f"{name}/partitioned"]  # every parameter is a ZeRO-3 shard (has ds_id)
+            assert 0 < facts[f"{name}/local_numel"] <= facts[f"{name}/full_numel"] // 2 + 64  # half on each rank
+        assert facts["reference/dtype"] == facts["policy/dtype"] == "torch.float32"
+        assert not facts["reference/requires_grad"] and not facts["optimizer/has_reference"]
+        assert facts["reference/training_in_steps"] == [False]  # eval mode in every training step
+        assert facts["reference/start"] == facts["policy/start"]  # same weights at start
+        assert facts["reference/end"] == facts["reference/start"]  # bit-identical after training
+        assert facts["policy/end"] != facts["policy/start"]
+    assert first[0] == first[1]  # both ranks saw the same gathered models
+
+    run = tmp_path / "run"
+    ranks = sorted(p.name for p in (run / "checkpoints" / "last.ckpt" / "checkpoint").glob("*optim_states.pt"))
+    assert ranks == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    without_reference = model_states_bytes(run)
+
+    resumed = run_zero3(tmp_path, "resumed", *TINY_DPO, "trainer.max_steps=3", "ckpt_path=last")
+    for facts in resumed:
+        assert facts["global_step"] == 3
+        assert facts["policy/start"] == first[0]["policy/end"]  # the sharded checkpoint restored the policy
+        assert facts["reference/start"] == first[0]["reference/start"]  # and the rebuilt reference is the same
+        assert facts["policy/end"] != facts["policy/start"]
+
+    export = load_file(run / "model" / "model.safetensors")  # consolidated, one file, full shapes
+    assert export["model.embed_tokens.weight"].shape == (1024, 128)
+    assert len(export) == 39
+
+    # TR-DPO moves the reference: checkpoints must keep it, and resuming gives it back
+    synced = run_zero3(tmp_path, "synced", *TINY_DPO, "trainer.max_steps=2", "dpo.ref.sync_steps=2",
+                       "paths.output_dir=" + str(tmp_path / "run_sync"))
+    assert synced[0]["reference/end"] != synced[0]["reference/start"]
+    assert model_states_bytes(tmp_path / "run_sync") > 10 * without_reference  # exclude_frozen_parameters shrank it
+    again = run_zero3(tmp_path, "synced_resumed", *TINY_DPO, "trainer.max_steps=3", "dpo.ref.sync_steps=2",
+                      "ckpt_path=last", "paths.output_dir=" + str(tmp_path / "run_sync"))
+    assert all(facts["reference/start"] == synced[0]["reference/end"] for facts in again)
+
+
+def test_dpo_bf16_mixed_with_precomputed_reference_and_exact_match(tmp_path):
+    facts = run_zero3(tmp_path, "bf16", *TINY_DPO, "trainer.max_steps=2", "trainer.precision=bf16-mixed",
+                      "dpo.ref.precompute=true", "data.exact_match_path=${asset:data/ultrachat_tiny/exact_match.jsonl}")
+    assert facts[0]["policy/dtype"] == "torch.bfloat16" and facts[0]["policy/partitioned"]
+    assert "reference/start" not in facts[0]  # freed once its log-probs were cached
+    assert len(list((tmp_path / "cache").rglob("train.pt"))) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "val/exact_match" in summary["metrics"]  # greedy generation stayed in step on both ranks
+    assert summary["metrics"]["val/rewards/accuracies"] >= 0
+    export = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert export["lm_head.weight"].dtype == torch.bfloat16  # the 16-bit gather
+
+
+def test_accumulation_under_deepspeed_matches_one_big_batch(tmp_path):
+    """DeepSpeed divides the loss by the accumulation steps itself: one SGD step on rows 0..3 as
+    2 accumulated micro-batches of 2 must equal one batch of 4 (it was half before the fix)."""
+    sgd = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "~optim.optimizer.eps",
+           "optim.lr=0.5", "trainer.gradient_clip_val=null", "data.shuffle=false", "trainer.max_steps=1",
+           "callbacks.validate_at_edges=null", "callbacks.checkpoint=null", "data.max_train_samples=64",
+           "data.max_eval_samples=8"]
+    weights = {}
+    for name, extra in {"b4": ["data.batch_size=4"], "b2x2": ["data.batch_size=2", "trainer.accumulate_grad_batches=2"],
+                        "start": ["data.batch_size=4", "optim.lr=1e-12"]}.items():
+        run_zero3(tmp_path, name, *sgd, *extra, f"paths.output_dir={tmp_path / name}", devices=1)
+        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    for key, value in weights["b4"].items():
+        torch.testing.assert_close(weights["b2x2"][key], value, atol=1e-6, rtol=1e-5)
+    assert max(float((weights["b4"][k] - weights["start"][k]).abs().max()) for k in weights["b4"]) > 1e-3
