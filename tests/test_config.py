@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,4 +91,27 @@ def test_zephyr_7b_beta_recipes_derive_the_papers_global_batches():
     for cfg in (dsft, ddpo):
         assert cfg.optim.weight_decay == 0.0 and cfg.model.dtype == "bfloat16"
         assert cfg.model.attn_implementation == "flash_attention_2" and cfg.model.gradient_checkpointing
-        assert cfg.strategy.stage == 3
+        zero = cfg.strategy.config.zero_optimization
+        assert zero.stage == 3 and "offload_param" not in zero and "offload_optimizer" not in zero
+        assert cfg.strategy.exclude_frozen_parameters
+
+
+@pytest.mark.parametrize("experiment", ["zephyr-7b-beta-dsft", "zephyr-7b-beta-ddpo"])
+def test_cfg_job_of_the_7b_recipes_shows_zero3_bf16_two_nodes_of_eight(experiment):
+    """What ``python train.py +experiment=... --cfg job`` prints, and the strategy it instantiates."""
+    result = subprocess.run([sys.executable, "train.py", f"+experiment={experiment}", "--cfg", "job"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = OmegaConf.create(result.stdout)
+    assert job.strategy._target_ == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert job.strategy.config.zero_optimization.stage == 3
+    assert (job.trainer.precision, job.trainer.devices, job.trainer.num_nodes) == ("bf16-mixed", 8, 2)
+    assert job.model.attn_implementation == "flash_attention_2" and job.model.dtype == "bfloat16"
+    assert job.data.global_batch_size == global_batch(job) == (512 if experiment.endswith("dsft") else 32)
+    strategy = instantiate(job.strategy)
+    assert strategy.zero_stage_3 and strategy.exclude_frozen_parameters and isinstance(strategy.config, dict)
+
+
+def test_offload_variant_offloads_params_and_optimizer_to_cpu():
+    zero = compose_config(["strategy=deepspeed_zero3_offload"]).strategy.config.zero_optimization
+    assert zero.stage == 3 and zero.offload_param.device == zero.offload_optimizer.device == "cpu"
