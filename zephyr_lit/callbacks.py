@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
+import torch
 
 
 def run_validation(trainer: L.Trainer) -> None:
@@ -36,3 +39,48 @@ class ValidateAtEdges(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.validated_at_step != trainer.global_step:
             run_validation(trainer)
+
+
+class Throughput(L.Callback):
+    """Training speed after ``warmup`` batches, on this rank, and peak memory: ``stats`` holds
+    ``samples_per_s`` (rows; a DPO pair is 2 rows, so pairs/s = rows/s / 2), ``tokens_per_s`` (real,
+    non-pad tokens), and ``peak_memory_gib`` (max allocated on CUDA, else peak RSS of the process)."""
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self.stats: dict[str, float] = {}
+        self._batches = self._rows = self._tokens = 0
+        self._time = 0.0
+        self._started: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._batches += 1
+        if self._batches > self.warmup and self._started is not None:
+            self._time += time.perf_counter() - self._started
+            self._rows += int(batch["input_ids"].shape[0])
+            self._tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["input_ids"].numel())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._time > 0:
+            self.stats = {"samples_per_s": self._rows / self._time, "tokens_per_s": self._tokens / self._time,
+                          "timed_batches": self._batches - self.warmup}
+        self.stats["peak_memory_gib"] = peak_memory_gib(pl_module.device)
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Max allocated CUDA memory on ``device``, or this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

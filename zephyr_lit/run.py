@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from zephyr_lit.callbacks import ValidateAtEdges
+from zephyr_lit.callbacks import Throughput, ValidateAtEdges
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.models import load_tokenizer
@@ -55,6 +55,13 @@ def initial_metrics(trainer: L.Trainer) -> dict[str, float]:
     for callback in trainer.callbacks:
         if isinstance(callback, ValidateAtEdges):
             return dict(sorted(callback.initial_metrics.items()))
+    return {}
+
+
+def throughput(trainer: L.Trainer) -> dict[str, float]:
+    for callback in trainer.callbacks:
+        if isinstance(callback, Throughput):
+            return dict(callback.stats)
     return {}
 
 
@@ -140,6 +147,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         "metrics": final_metrics(trainer),
         "initial_metrics": initial_metrics(trainer),
         "overrides": list(overrides or []),
+        "throughput": throughput(trainer),  # rank 0's
         "data": {name: vars(stats) for name, stats in run.datamodule.stats.items()},
         "duration_s": round(time.time() - started, 1),
     }
@@ -149,4 +157,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
             point_latest(Path(cfg.paths.root).resolve() / cfg.experiment_name / "latest", output_dir)
         print(f"Exported model: {export_dir}")
         print("Validation (before -> after): " + describe(summary["initial_metrics"], summary["metrics"]))
+        speed = summary["throughput"]
+        if "samples_per_s" in speed:
+            print(f"Throughput (rank 0, after warm-up): {speed['samples_per_s']:.2f} rows/s, "
+                  f"{speed['tokens_per_s']:.0f} tokens/s; peak memory {speed['peak_memory_gib']:.2f} GiB")
     return summary
