@@ -15,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import zephyr_lit.config  # noqa: F401  (registers the ${asset:...} resolver before Hydra composes)
+import zephyr_lit.config  # noqa: F401  (registers ${asset:...} and ${run_stamp:} before Hydra composes)
 from zephyr_lit.errors import UserInputError
+from zephyr_lit.launch import lightning_spawns, multirun_spawn_error, pin_run_stamp
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -33,6 +34,10 @@ def main(cfg: DictConfig) -> None:
     if multirun:  # each job's folder is the sweep's numbered subfolder
         cfg.paths.output_dir = hydra_cfg.runtime.output_dir
     try:
+        # Lightning would start the other local ranks by re-running sys.argv, `-m` and all: each child
+        # would start the sweep again (Lightning #11300). Only a cluster (srun, torchrun) may create them.
+        if multirun and lightning_spawns(cfg.trainer, cfg.strategy):
+            raise UserInputError(multirun_spawn_error())
         train(cfg, overrides=list(hydra_cfg.overrides.task), update_latest=not multirun)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -40,4 +45,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    pin_run_stamp()  # one process: ZEPHYR_RUN_ID=<timestamp>, inherited by any process started from it
     main()

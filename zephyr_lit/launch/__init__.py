@@ -11,20 +11,27 @@ therefore taken from something every rank of one launch shares:
    ``none`` with the static rendezvous, which does not count);
 4. a single process: the local time, ``%Y-%m-%d_%H-%M-%S``.
 
-Several processes and none of 1-3: ``RunStampError`` (the user must name the run).
+Several processes and none of 1-3: ``RunStampError`` (the user must name the run). ``train.py`` pins a
+single process's timestamp in ``ZEPHYR_RUN_ID`` (``pin_run_stamp``) so that processes started from it
+(Lightning's own DDP children, submitit's local jobs) resolve the same folder.
 
-``lightning_spawns(cfg)`` tells whether Lightning would start the local ranks itself
-(``_SubprocessScriptLauncher`` without a cluster environment that creates the processes). Lightning
-re-runs ``sys.argv`` for each child (``_hydra_subprocess_cmd``), which under ``python train.py -m``
-still holds ``-m`` and the sweep: each child starts the whole sweep again (Lightning issue #11300).
-``train.py`` refuses that combination.
+``lightning_spawns(trainer_cfg, strategy_cfg)`` tells whether Lightning would start the local ranks
+itself (``_SubprocessScriptLauncher`` without a cluster environment that creates the processes).
+Lightning re-runs ``sys.argv`` for each child (``_hydra_subprocess_cmd`` adds only ``hydra.run.dir``,
+``hydra.job.name`` and ``hydra.output_subdir=null``), which under ``python train.py -m`` still holds
+``-m`` and the sweep: each child starts the whole sweep again (Lightning issue #11300). ``LaunchCheck``
+(before the jobs, for launchers that run them here) and ``train.py`` (in each job) refuse it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
-from typing import Mapping
+from typing import Any, Mapping
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 RUN_ID_VAR = "ZEPHYR_RUN_ID"
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
@@ -84,6 +91,53 @@ def pin_run_stamp() -> None:
     """
     if not is_multi_process() and shared_run_id() is None:
         os.environ[RUN_ID_VAR] = run_stamp()
+
+
+def _stamp_error(error: BaseException) -> RunStampError | None:
+    while error is not None:
+        if isinstance(error, RunStampError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+# Launchers whose jobs run on this machine, in this environment: the sweep can be checked before any job.
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class LaunchCheck(Callback):
+    """Hydra callback (``hydra.callbacks.launch_check``), run before any job starts:
+
+    - the run (or sweep) folder resolves: several ranks without a shared run id stop with one line and
+      exit code 2 instead of a traceback;
+    - a sweep whose jobs run here (basic or submitit-local launcher) stops if Lightning would start the
+      ranks itself (#11300). ``train.py`` repeats that check in each job, where a SLURM job's
+      environment is known.
+    """
+
+    def _resolve(self, config: DictConfig, key: str) -> None:
+        try:
+            OmegaConf.select(config, key)
+        except Exception as error:  # noqa: BLE001
+            stamp_error = _stamp_error(error)
+            if stamp_error is None:
+                raise
+            _fail(str(stamp_error))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._resolve(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._resolve(config, "hydra.sweep.dir")
+        launcher = OmegaConf.select(config, "hydra.launcher._target_", default="")
+        if launcher in LOCAL_LAUNCHERS and lightning_spawns(config.trainer, config.strategy):
+            _fail(multirun_spawn_error())
 
 
 def lightning_spawns(trainer_cfg, strategy_cfg) -> bool:
