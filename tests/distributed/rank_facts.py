@@ -1,0 +1,109 @@
+"""A callback for the multi-process tests: each rank writes what it saw to ``<out_dir>/rank<R>.json``
+and its final trained weights (and reference log-prob cache, if any) to ``<out_dir>/rank<R>.pt``.
+
+Added to a run from the command line, so the real launch path is what gets tested::
+
+    torchrun --standalone --nproc-per-node 2 train.py ... \\
+        +callbacks.rank_facts._target_=tests.distributed.rank_facts.RankFacts \\
+        +callbacks.rank_facts.out_dir=/some/folder
+
+(``tests`` imports as a namespace package from the repository root, which is ``train.py``'s folder.)
+
+Facts per rank: world size and rank, the weights hash of the trained model at the start and end of
+fit and of the frozen reference (DPO), the rows of this rank's validation shard, every validation's
+synced metrics (``trainer.callback_metrics``) and this rank's own, not yet reduced, share of each
+mean-reduced validation metric (weighted sum and count, read from Lightning's result collection, or
+SFTModule's summed NLL and token count, just before they are synced), so a test can tell a global
+mean from a mean of per-rank means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def weights_hash(model: torch.nn.Module | None) -> str | None:
+    if model is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rank_shares(trainer: L.Trainer) -> dict[str, list[float]]:
+    """``{metric: [sum of value x batch size, rows of this rank's shard]}``, unsynced, for the metrics
+    logged per row with ``batch_size`` = rows (best effort: this reads a private Lightning structure
+    and returns ``{}`` if its shape ever changes). Lightning's own summed batch size is no use here:
+    by this hook it has already been averaged over the ranks, in place."""
+    shares = {}
+    try:
+        rows = len(trainer.val_dataloaders.dataset)
+        for result in trainer._results.values():
+            name = getattr(result.meta, "name", "")
+            if name.startswith("val/") and result.meta.is_mean_reduction and result.is_tensor:
+                shares[name] = [float(result.value), float(rows)]
+    except Exception:  # noqa: BLE001  (a diagnostic only)
+        return {}
+    return shares
+
+
+class RankFacts(L.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.facts: dict = {"validations": [], "val_shares": []}
+
+    @staticmethod
+    def _trained(pl_module: L.LightningModule) -> torch.nn.Module:
+        return pl_module.trained_model
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the module's on_fit_start (the reference cache is filled by then) and before any step.
+        self.facts.update(
+            world_size=trainer.world_size,
+            global_rank=trainer.global_rank,
+            estimated_stepping_batches=int(trainer.estimated_stepping_batches),
+            train_batches=len(trainer.train_dataloader),
+            start_hash=weights_hash(self._trained(pl_module)),
+            reference_start_hash=weights_hash(getattr(pl_module, "reference", None)),
+        )
+        shard = trainer.val_dataloaders.dataset
+        self.facts["val_rows"] = len(shard)
+        if "index" in shard.column_names:
+            self.facts["val_index"] = [int(i) for i in shard["index"]]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Callbacks run this hook before the module's: the sums are still this rank's own here.
+        if not trainer.sanity_checking:
+            if hasattr(pl_module, "_val_nll"):  # SFTModule sums token NLL and tokens itself
+                shares = {"val/loss": [float(pl_module._val_nll), float(pl_module._val_tokens)]}
+            else:
+                shares = _rank_shares(trainer)
+            self.facts["val_shares"].append(shares)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+            self.facts["validations"].append({"step": trainer.global_step, "metrics": metrics})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = self._trained(pl_module)
+        self.facts.update(
+            global_step=trainer.global_step,
+            end_hash=weights_hash(model),
+            reference_end_hash=weights_hash(getattr(pl_module, "reference", None)),
+        )
+        payload = {"weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        cached = getattr(pl_module, "cached_logps", None)
+        if cached:
+            payload["cached_logps"] = {split: [t.clone() for t in pair] for split, pair in cached.items()}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        torch.save(payload, self.out_dir / f"rank{rank}.pt")
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps(self.facts, indent=2) + "\n")
