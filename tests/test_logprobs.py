@@ -136,3 +136,48 @@ def test_bf16_random_agrees_with_fp32_of_the_same_values():
     logp, _ = token_logprobs(logits, labels)
     ref_logp, _ = reference_token_logprobs(logits.float(), labels)
     torch.testing.assert_close(logp, ref_logp)
+
+
+def _tiny_model_and_batch():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zephyr_lit.assets import asset_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_path("tiny-mistral")))
+    input_ids = torch.randint(3, 1000, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 9:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[2, 9:] = -100  # padding
+    labels[1, :] = -100  # a row with nothing to score
+    return model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 2048])
+def test_head_at_labelled_positions_equals_the_full_logits_path(chunk_tokens):
+    """Same per-row log-probs, logit means and gradients as full logits + token_logprobs, chunked or not."""
+    from zephyr_lit.logprobs import completion_scores, split_head
+
+    model, batch = _tiny_model_and_batch()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = sequence_logprobs(logits, batch["labels"])
+    expected.sum().backward()
+    expected_grad = model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+
+    body, head = split_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    scores = completion_scores(hidden, head, batch["labels"], chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(scores.logps(), expected, rtol=1e-5, atol=1e-5)
+    assert scores.token_count.tolist() == [7, 0, 4]  # targets 5..11, none, 5..8
+    torch.testing.assert_close(scores.logps(average=True), sequence_logprobs(logits, batch["labels"], average=True),
+                               rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(1, 3), slice(0, 3)):
+        torch.testing.assert_close(scores.logit_mean(rows), masked_logit_mean(logits[rows].detach(), batch["labels"][rows]),
+                                   rtol=1e-5, atol=1e-6)
+    assert scores.mean_nll(slice(0, 3)).item() == pytest.approx(-expected.sum().item() / 11, rel=1e-5)
+    scores.logps().sum().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, expected_grad[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, expected_grad[1], rtol=1e-4, atol=1e-6)

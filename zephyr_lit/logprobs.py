@@ -5,6 +5,8 @@ Position ``t`` of the logits predicts token ``t + 1``; labels of -100 are masked
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +88,91 @@ def masked_logit_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     per_position = logits.sum(-1, dtype=torch.float32)  # (B, T-1), no fp32 copy of the logits
     total = per_position.masked_fill(~mask, 0.0).sum()
     return total / (mask.sum().clamp(min=1) * logits.size(-1))
+
+
+# ---- the LM head at the labelled positions only ----------------------------------------------
+@dataclass
+class CompletionScores:
+    """Per-row results of ``completion_scores`` (``R`` rows): ``logp_sum`` (sum of the labelled
+    tokens' log-probs, fp32, with graph), ``token_count``, and ``logit_sum`` (sum over labelled
+    positions of the sum over the vocabulary of the raw logits, detached: for TRL's ``logits/*``)."""
+
+    logp_sum: torch.Tensor  # (R,)
+    token_count: torch.Tensor  # (R,)
+    logit_sum: torch.Tensor  # (R,)
+    vocab_size: int
+
+    def logps(self, average: bool = False) -> torch.Tensor:
+        """Per-row sum, or mean over the labelled tokens (0 for a row without any)."""
+        return self.logp_sum / self.token_count.clamp(min=1) if average else self.logp_sum
+
+    def logit_mean(self, rows: slice) -> torch.Tensor:
+        """Mean raw logit over the labelled positions of ``rows`` and the vocabulary (0 if none)."""
+        count = self.token_count[rows].sum().clamp(min=1)
+        return self.logit_sum[rows].sum() / (count * self.vocab_size)
+
+    def mean_nll(self, rows: slice) -> torch.Tensor:
+        """Mean negative log-likelihood per labelled token of ``rows``."""
+        return -self.logp_sum[rows].sum() / self.token_count[rows].sum().clamp(min=1)
+
+
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """``(body, lm_head)`` of a causal LM whose logits are exactly ``lm_head(body(...).last_hidden_state)``
+    (Mistral, Llama, Qwen, ...), or None (soft-capped or scaled logits: use the full logits)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    plain = not any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    if isinstance(head, torch.nn.Linear) and isinstance(body, torch.nn.Module) and body is not model and plain:
+        return body, head
+    return None
+
+
+def completion_scores(
+    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = 2048
+) -> CompletionScores:
+    """Log-probs of the labelled tokens from the last hidden states, applying ``head`` only where a
+    label follows, ``chunk_tokens`` positions at a time:
+
+        logp[n] = z[n, y_n] - logsumexp_v z[n, v],   z = head(hidden[b, t]) in fp32,  y_n = labels[b, t + 1]
+
+    so no full ``(R, T, V)`` logits tensor (nor its fp32 copy) ever exists: memory and time scale with
+    the number of labelled tokens, not with the padded length.
+
+    Shapes: hidden ``(R, T, H)``, labels ``(R, T)`` (-100 = not scored).
+    """
+    targets = labels[:, 1:]  # (R, T-1)
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]  # (N,): the row of each labelled position
+    picked_hidden = hidden[:, :-1][mask]  # (N, H)
+    picked_targets = targets[mask]  # (N,)
+    logps, logit_sums = [], []
+    for start in range(0, picked_targets.numel(), chunk_tokens):
+        logits = head(picked_hidden[start : start + chunk_tokens]).float()  # (n, V)
+        target = picked_targets[start : start + chunk_tokens].unsqueeze(-1)  # (n, 1)
+        logps.append(logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1))  # (n,)
+        logit_sums.append(logits.detach().sum(-1))  # (n,)
+    num_rows = labels.size(0)
+    zeros = hidden.new_zeros(num_rows, dtype=torch.float32)
+    token_logps = torch.cat(logps) if logps else zeros[:0]
+    return CompletionScores(
+        logp_sum=zeros.index_add(0, rows, token_logps),
+        token_count=mask.sum(-1),
+        logit_sum=zeros.detach().index_add(0, rows, torch.cat(logit_sums) if logit_sums else zeros[:0]),
+        vocab_size=head.out_features,
+    )
+
+
+def model_completion_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 2048) -> CompletionScores:
+    """``completion_scores`` for ``batch`` (``input_ids``, ``attention_mask`` and/or ``position_ids``,
+    ``labels``) through ``model``; models whose logits are not a plain head fall back to full logits."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    parts = split_head(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # (R, T, V)
+        logp, mask = token_logprobs(logits, batch["labels"])
+        masked = logits[:, :-1].sum(-1, dtype=torch.float32).detach().masked_fill(~mask, 0.0)
+        return CompletionScores(logp.sum(-1), mask.sum(-1), masked.sum(-1), logits.size(-1))
+    body, head = parts
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (R, T, H)
+    return completion_scores(hidden, head, batch["labels"], chunk_tokens)

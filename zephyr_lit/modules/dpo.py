@@ -1,7 +1,7 @@
 """DPOModule: the trainable policy and its frozen reference, kept in sync.
 
-One step, as data: ``(2B, T)`` batch (chosen rows, then rejected rows) -> policy logits (one pass)
--> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
+One step, as data: ``(2B, T)`` batch (chosen rows, then rejected rows) -> policy hidden states (one
+pass) -> LM head at the completion positions only -> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
 -> ``dpo_loss`` -> loss and detached rewards -> ``train/...`` and ``val/...`` metrics.
 
 The reference is built from the same weights as the policy (same spec, same code path, so the
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from zephyr_lit.logprobs import masked_logit_mean, sequence_logprobs, summed_token_nll
+from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.losses import LossType, dpo_loss
 from zephyr_lit.models import build_model
 from zephyr_lit.modules.base import ChatModule
@@ -94,9 +94,9 @@ class DPOModule(ChatModule):
         self.reference = None
 
     # ---- one step ----------------------------------------------------------------------------
-    def _sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return sequence_logprobs(logits, batch["labels"], average=self.dpo.average), logits  # (2B,), (2B, T, V)
+    def _scores(self, model, batch: dict[str, torch.Tensor]) -> CompletionScores:
+        """One pass over the ``(2B, T)`` rows; the LM head only at completion positions."""
+        return model_completion_scores(model, batch)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -105,23 +105,22 @@ class DPOModule(ChatModule):
             chosen, rejected = self.cached_logps[split]
             index = batch["index"].cpu()
             return torch.cat([chosen[index], rejected[index]]).to(self.device)
-        logps, _ = self._sequence_logps(self.reference, batch)
-        return logps
+        return self._scores(self.reference, batch).logps(self.dpo.average)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str, split: str) -> torch.Tensor:
         size = batch["index"].numel()  # B pairs; the batch holds 2B rows
-        policy, logits = self._sequence_logps(self.policy, batch)
+        scores = self._scores(self.policy, batch)
+        policy = scores.logps(self.dpo.average)  # (2B,)
         reference = self.reference_logps(batch, split)
         out = dpo_loss(
             self.dpo.loss_type, policy[:size], policy[size:], reference[:size], reference[size:],
             beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
         )
         loss = out.losses.mean()
-        labels = batch["labels"]
+        chosen, rejected = slice(0, size), slice(size, 2 * size)
         metrics = {}
         if self.dpo.rpo_alpha:
-            nll_sum, count = summed_token_nll(logits[:size], labels[:size])
-            chosen_nll = nll_sum / count.clamp(min=1)
+            chosen_nll = scores.mean_nll(chosen)
             loss = loss + self.dpo.rpo_alpha * chosen_nll
             metrics["nll_loss"] = chosen_nll.detach()
         metrics |= {
@@ -132,8 +131,8 @@ class DPOModule(ChatModule):
             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
             "logps/chosen": policy[:size].detach().mean(),
             "logps/rejected": policy[size:].detach().mean(),
-            "logits/chosen": masked_logit_mean(logits[:size].detach(), labels[:size]),
-            "logits/rejected": masked_logit_mean(logits[size:].detach(), labels[size:]),
+            "logits/chosen": scores.logit_mean(chosen),
+            "logits/rejected": scores.logit_mean(rejected),
         }
         on_step = stage == "train"
         # The epoch means (val) are sum(value x batch_size) / sum(batch_size) over all ranks: Lightning
