@@ -54,3 +54,26 @@ def test_two_by_two_multirun_writes_and_prints_the_summary(tmp_path):
     for job in range(4):  # each job's folder is its paths.output_dir
         assert (tmp_path / "sweep" / str(job) / "model" / "model.safetensors").exists()
     assert not (tmp_path / "dsft" / "latest").exists()  # multirun jobs leave the pointer alone
+
+
+def test_ddpo_two_by_two_sweep_over_beta_and_lr(tmp_path):
+    """The issue's command shape: ``-m +experiment=ddpo dpo.beta=0.01,0.1 optim.lr=...`` (few steps each)."""
+    repo = Path(__file__).resolve().parents[1]
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "+experiment=ddpo", "dpo.beta=0.01,0.1", "optim.lr=5e-4,1e-3",
+         "model.name_or_path=${asset:tiny-mistral}", "model.random_init=true", f"paths.root={tmp_path}",
+         "logger=csv", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "data.max_train_samples=64",
+         "data.max_eval_samples=16", "data.exact_match_path=null", "hydra.sweep.dir=" + str(sweep)],
+        cwd=repo, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(sweep / "sweep_summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["overrides"] for r in rows} == {f"dpo.beta={b} optim.lr={lr}" for b in ("0.01", "0.1") for lr in ("0.0005", "0.001")}
+    ranked = [(float(r["val/rewards/accuracies"]), float(r["val/rewards/margins"])) for r in rows]
+    assert ranked == sorted(ranked, reverse=True)  # best first: accuracy, then margin
+    assert "Sweep summary" in result.stdout and "val/rewards/accuracies" in result.stdout
+    for job in range(4):
+        summary = json.loads((sweep / str(job) / "summary.json").read_text())
+        assert summary["output_dir"] == str(sweep / str(job)) and summary["global_step"] == 2

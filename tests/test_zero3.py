@@ -109,3 +109,25 @@ def test_accumulation_under_deepspeed_matches_one_big_batch(tmp_path):
     for key, value in weights["b4"].items():
         torch.testing.assert_close(weights["b2x2"][key], value, atol=1e-6, rtol=1e-5)
     assert max(float((weights["b4"][k] - weights["start"][k]).abs().max()) for k in weights["b4"]) > 1e-3
+
+
+def test_dpo_from_a_saved_model_loads_into_the_shards(tmp_path):
+    """The real recipes' path: ``from_pretrained`` inside ``configure_model`` (under ``zero.Init``) on 2
+    ranks. Policy and reference must start from exactly the saved weights (without a live
+    ``HfDeepSpeedConfig`` transformers would leave them random, "mismatched" with shape [0])."""
+    sys.path.insert(0, str(REPO / "tests" / "zero3"))
+    from probe import state_digest  # noqa: E402
+
+    from zephyr_lit.export import export_model
+    from zephyr_lit.models import ModelSpec, build_model, load_tokenizer
+    from zephyr_lit.assets import asset_path
+
+    spec = ModelSpec(asset_path("tiny-mistral"), random_init=True, init_seed=7)
+    saved = export_model(build_model(spec), load_tokenizer(spec), tmp_path / "sft-model")
+    expected = state_digest(load_file(saved / "model.safetensors"))
+    facts = run_zero3(tmp_path, "loaded", "+experiment=ddpo", f"model.name_or_path={saved}", "model.random_init=false",
+                      "data.batch_size=4", "data.max_train_samples=64", "data.max_eval_samples=16", "trainer.max_steps=1")
+    for rank in facts:
+        assert rank["policy/partitioned"] and rank["reference/partitioned"]
+        assert rank["policy/start"] == rank["reference/start"] == expected
+        assert rank["reference/end"] == expected and rank["policy/end"] != expected

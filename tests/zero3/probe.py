@@ -12,16 +12,19 @@ import torch
 from zephyr_lit.zero3 import gathered_state_dict
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict's names and fp32 values, in name order."""
+    h = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        h.update(key.encode())
+        h.update(value.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 def digest(model: torch.nn.Module) -> str:
     """Hash of the gathered weights (every rank gathers; rank 0 hashes, the result is broadcast)."""
     state = gathered_state_dict(model)
-    text = ""
-    if state is not None:
-        h = hashlib.sha256()
-        for key, value in state.items():
-            h.update(key.encode())
-            h.update(value.float().numpy().tobytes())
-        text = h.hexdigest()
+    text = state_digest(state) if state is not None else ""
     if torch.distributed.is_initialized():
         box = [text]
         torch.distributed.broadcast_object_list(box, src=0)
