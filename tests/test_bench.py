@@ -1,0 +1,145 @@
+"""The benchmark's pure helpers: workload rows, batch plans, throughput arithmetic, the table.
+
+No trainer runs here (``python -m zephyr_lit.bench --quick`` does that, in minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from zephyr_lit.bench.cases import CASES, select_cases
+from zephyr_lit.bench.cli import plan_runs
+from zephyr_lit.bench.measure import mfu, peak_tflops, summarise
+from zephyr_lit.bench.report import format_table, loss_gap, summarise_case
+from zephyr_lit.bench.workload import (
+    IGNORE_INDEX,
+    Workload,
+    dpo_rows,
+    label_count,
+    length_grouped_batches,
+    mistral_config,
+    pair_length,
+    pair_tokens,
+    parameter_count,
+    plan_steps,
+    sequential_batches,
+    sft_rows,
+    window_label_tokens,
+)
+
+SMALL = Workload(pairs=24, sequences=20, vocab=1000)
+
+
+def test_rows_are_seeded_in_range_and_never_need_truncation():
+    pairs, again = dpo_rows(SMALL), dpo_rows(SMALL)
+    assert pairs == again and len(pairs) == 24
+    assert dpo_rows(dataclasses.replace(SMALL, seed=1)) != pairs
+    for i, row in enumerate(pairs):
+        assert row["index"] == i
+        assert SMALL.prompt_min <= len(row["prompt_input_ids"]) <= SMALL.prompt_max
+        for side in ("chosen", "rejected"):
+            assert SMALL.completion_min <= len(row[f"{side}_input_ids"]) <= SMALL.completion_max
+        ids = row["prompt_input_ids"] + row["chosen_input_ids"] + row["rejected_input_ids"]
+        assert all(3 <= t < SMALL.vocab for t in ids)
+        assert pair_length(row) <= SMALL.max_length
+    row = pairs[0]
+    assert pair_tokens(row) == 2 * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) + len(
+        row["rejected_input_ids"])
+
+    sequences = sft_rows(SMALL)
+    assert len(sequences) == 20 and sequences == sft_rows(SMALL)
+    for row in sequences:
+        assert SMALL.sequence_min <= len(row["input_ids"]) <= SMALL.sequence_max
+        assert row["labels"][0] == IGNORE_INDEX and row["labels"][1:] == row["input_ids"][1:]
+        assert label_count(row["labels"]) == len(row["input_ids"]) - 1
+
+
+def test_batch_plans():
+    assert sequential_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4]
+    grouped = length_grouped_batches(lengths, batch_size=2, seed=0)
+    assert sorted(i for b in grouped for i in b) == list(range(8))
+    assert all(len(b) == 2 for b in grouped)
+    # one mega-batch here: the batches hold neighbours in length order
+    assert sorted(tuple(sorted(lengths[i] for i in b)) for b in grouped) == [(1, 2), (3, 4), (5, 7), (8, 9)]
+    assert grouped == length_grouped_batches(lengths, batch_size=2, seed=0)
+
+    epochs = []
+    plan = plan_steps(lambda e: epochs.append(e) or [[e, 0], [e, 1]], steps=3)
+    assert plan == [[0, 0], [0, 1], [1, 0]] and epochs == [0, 1]
+    assert plan_steps(lambda e: [[e]], steps=None) == [[0]]
+    assert plan_steps(lambda e: [[0], [1], [2]], steps=1, accumulate=2) == [[0], [1]]
+    assert window_label_tokens([[0], [1], [2]], counts=[10, 20, 30], accumulate=2) == [30, 30, 30]
+
+
+def test_workload_overrides_and_checks():
+    w = Workload().with_overrides(["layers=2", "lr=0.001", "steps=6", "attn=eager"])
+    assert (w.layers, w.lr, w.steps, w.attn) == (2, 0.001, 6, "eager")
+    assert Workload(steps=5).with_overrides(["steps=none"]).steps is None
+    with pytest.raises(ValueError, match="key=value"):
+        Workload().with_overrides(["nope=1"])
+    with pytest.raises(ValueError, match="no timed step"):
+        Workload(steps=3, warmup=3).check()
+    with pytest.raises(ValueError, match="max_length"):
+        Workload(max_length=256).check()
+
+
+def test_model_shape():
+    assert parameter_count(Workload()) == {"total": 31_990_272, "compute": 31_990_272 - 8192 * 512}
+    config = mistral_config(Workload())
+    assert config["head_dim"] * config["num_attention_heads"] == config["hidden_size"] == 512
+    assert config["pad_token_id"] < config["vocab_size"]
+
+
+def test_throughput_counts_only_timed_steps():
+    steps = [{"t": 10.0, "tokens": 999, "rows": 8, "loss": 1.0},
+             {"t": 12.0, "tokens": 100, "rows": 8, "loss": 0.9},
+             {"t": 13.0, "tokens": 300, "rows": 8, "loss": 0.8}]
+    out = summarise(steps, warmup=1)
+    assert out["timed_steps"] == 2 and out["timed_s"] == 3.0
+    assert out["tokens_per_s"] == pytest.approx(400 / 3) and out["rows_per_s"] == pytest.approx(16 / 3)
+    assert out["step_s"] == [2.0, 1.0] and out["losses"] == [1.0, 0.9, 0.8]
+    assert summarise(steps, warmup=0, train_start=9.0)["timed_s"] == 4.0
+    with pytest.raises(ValueError, match="none left"):
+        summarise(steps, warmup=3)
+
+
+def test_mfu_and_peaks():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 67.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak_tflops("Some CPU", "float32") is None
+    assert mfu(1_000_000, 1e6, 6.0) == pytest.approx(1.0)
+    assert mfu(1, 1.0, None) is None
+
+
+def _run(case, side, repeat=0, **values):
+    base = {"case": case, "side": side, "repeat": repeat, "rows_per_s": 1.0, "tokens_per_s": 100.0,
+            "peak_rss_mib": 1000.0, "cuda_peak_mib": None, "setup_s": 2.0, "losses": [0.7, 0.6]}
+    return base | values
+
+
+def test_case_summary_and_table():
+    case = select_cases(["dpo-online"])[0]
+    runs = [_run("dpo-online", "ours", tokens_per_s=200.0, rows_per_s=2.0, losses=[0.7, 0.6001]),
+            _run("dpo-online", "trl"),
+            _run("dpo-online", "ours", repeat=1, tokens_per_s=300.0, rows_per_s=3.0),
+            _run("dpo-online", "trl", repeat=1, error="Traceback\nBoom")]
+    summary = summarise_case(case, runs, compute_params=10, peak=None)
+    assert summary["ours"]["tokens_per_s"] == 250.0 and summary["trl"]["ok"] == 1
+    assert summary["tokens_per_s_ratio"] == 2.5 and summary["peak_rss_mib_ratio"] == 1.0
+    assert summary["loss_gap"] == pytest.approx(1e-4)
+    table = format_table([summary], "header", cuda=False)
+    assert "dpo-online" in table and "2.50x" in table and "FAILED: trl" in table
+    assert loss_gap({"losses": [1.0]}, {"losses": [1.0, 2.0]}) is None
+
+
+def test_cases_and_run_order():
+    assert {c.kind for c in CASES} == {"dpo", "sft"}
+    assert [c.name for c in select_cases(["sft"])] == ["sft-padded", "sft-padding-free", "sft-packed"]
+    with pytest.raises(ValueError, match="unknown"):
+        select_cases(["nope"])
+    order = [(r, c.name, s) for r, c, s in plan_runs(select_cases(["dpo-online"]), 2, ["ours", "trl"])]
+    assert order == [(0, "dpo-online", "ours"), (0, "dpo-online", "trl"),
+                     (1, "dpo-online", "trl"), (1, "dpo-online", "ours")]

@@ -1,0 +1,1 @@
+"""Benchmark: zephyr-lit vs TRL at equal settings (``python -m zephyr_lit.bench --help``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from zephyr_lit.bench.cli import main
+
+sys.exit(main())
