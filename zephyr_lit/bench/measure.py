@@ -147,11 +147,12 @@ def mfu(compute_params: int, tokens_per_s: float, peak: float | None) -> float |
 
 
 def code_version(repo: str) -> str | None:
-    """``<commit>`` of the checkout the code runs from, ``+dirty`` when the package or the configs
-    differ from it (the benchmark may run while the code changes: each run records what it ran)."""
+    """The last commit that changed the package or the configs (the bench itself aside), ``+dirty``
+    when they differ from it: the benchmark may run while the code changes, so each run records it."""
     try:
-        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h", "--", "zephyr_lit", "conf",
+                                 ":(exclude)zephyr_lit/bench"], capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "zephyr_lit", "conf",
                                 ":(exclude)zephyr_lit/bench"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
