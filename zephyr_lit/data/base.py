@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.data.exact_match import load_exact_match
+from zephyr_lit.data.fingerprint import fingerprint
 from zephyr_lit.data.load import Split, load_split
 
 from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
@@ -54,6 +56,19 @@ class ShardedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # ---- data work, before any model exists -------------------------------------------------
+    def tokenize_split(self, split: Split, row_fn: Callable, kind: str, settings: list, **kwargs) -> datasets.Dataset:
+        """``split`` mapped in batches through ``row_fn(rows, indices, source=, split=, **kwargs)``; the
+        result is cached by ``datasets`` under a fingerprint of ``kind`` and ``settings``."""
+        return split.dataset.map(
+            functools.partial(row_fn, source=split.source, split=split.name, **kwargs),
+            batched=True,
+            with_indices=True,
+            remove_columns=split.dataset.column_names,
+            num_proc=self.num_proc,
+            new_fingerprint=fingerprint(kind, *settings),
+            desc=f"Tokenising {split.name}",
+        )
+
     def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Load, check and tokenise both splits; load the exact-match prompts."""
         self.pad_id = tokenizer.pad_token_id

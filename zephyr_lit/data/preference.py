@@ -236,21 +236,9 @@ class PreferenceDataModule(ShardedDataModule):
     def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         settings = [PREFERENCE_VERSION, split.dataset._fingerprint, tokenizer_fingerprint(tokenizer),
                     self.max_length, self.max_prompt_length]
-        tokenized = split.dataset.map(
-            functools.partial(
-                _tokenize_rows,
-                tokenizer=tokenizer,
-                max_length=self.max_length,
-                max_prompt_length=self.max_prompt_length,
-                source=split.source,
-                split=split.name,
-            ),
-            batched=True,
-            with_indices=True,
-            remove_columns=split.dataset.column_names,
-            num_proc=self.num_proc,
-            new_fingerprint=fingerprint("preference-tokenize", *settings),
-            desc=f"Tokenising {split.name}",
+        tokenized = self.tokenize_split(
+            split, _tokenize_rows, "preference-tokenize", settings,
+            tokenizer=tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
         )
         drops = tokenized["drop"]
         stats = PreferenceSplitStats(

@@ -93,21 +93,9 @@ class SFTDataModule(ShardedDataModule):
 
     def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         settings = [split.dataset._fingerprint, tokenizer_fingerprint(tokenizer), self.max_length, self.assistant_only_loss]
-        tokenized = split.dataset.map(
-            functools.partial(
-                _tokenize_rows,
-                tokenizer=tokenizer,
-                max_length=self.max_length,
-                assistant_only_loss=self.assistant_only_loss,
-                source=split.source,
-                split=split.name,
-            ),
-            batched=True,
-            with_indices=True,
-            remove_columns=split.dataset.column_names,
-            num_proc=self.num_proc,
-            new_fingerprint=fingerprint("sft-tokenize", *settings),
-            desc=f"Tokenising {split.name}",
+        tokenized = self.tokenize_split(
+            split, _tokenize_rows, "sft-tokenize", settings,
+            tokenizer=tokenizer, max_length=self.max_length, assistant_only_loss=self.assistant_only_loss,
         )
         stats = SplitStats(rows=len(tokenized), truncated=sum(tokenized["truncated"]))
         kept = tokenized.filter(
