@@ -1,6 +1,9 @@
-"""Per-token log-probabilities and summed negative log-likelihood, in fp32, with shifted labels.
+"""Per-token log-probabilities in fp32, with shifted labels: position ``t`` predicts token ``t + 1``;
+labels of -100 are masked out.
 
-Position ``t`` of the logits predicts token ``t + 1``; labels of -100 are masked out.
+The training steps use ``model_completion_scores`` (the LM head only at labelled positions); the
+full-logits functions (``token_logprobs``, ``sequence_logprobs``, ``masked_logit_mean``) are its
+fallback for models with soft-capped logits and the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -8,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from zephyr_lit.data.tokenize import IGNORE_INDEX
 
@@ -16,18 +18,6 @@ from zephyr_lit.data.tokenize import IGNORE_INDEX
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Align predictions with targets: ``(B, T, V), (B, T) -> (B, T-1, V), (B, T-1)``."""
     return logits[:, :-1, :], labels[:, 1:]
-
-
-def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of ``-log p(label)`` over unmasked targets, and their count.
-
-    Shapes: logits ``(B, T, V)``, labels ``(B, T)``; returns two scalars. Cross-entropy runs in fp32.
-    """
-    logits, targets = shifted(logits, labels)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, (targets != IGNORE_INDEX).sum()
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
