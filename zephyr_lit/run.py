@@ -83,6 +83,20 @@ def write_summary(path: Path, summary: dict) -> None:
     os.replace(tmp, path)
 
 
+def build_module(cfg: DictConfig, model_spec, tokenizer: PreTrainedTokenizerBase, exact_match: list[dict]) -> L.LightningModule:
+    """The configured module (``cfg.module``, plus ``cfg.dpo`` when present); models come later."""
+    extra = {"dpo": instantiate(cfg.dpo)} if "dpo" in cfg else {}
+    return instantiate(cfg.module, _partial_=True)(
+        **extra,
+        model=model_spec,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=cfg.optim.scheduler,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        tokenizer=tokenizer,
+        exact_match=exact_match,
+    )
+
+
 @dataclass
 class Run:
     """Everything one experiment needs, built and checked, before ``fit``."""
@@ -108,18 +122,9 @@ def prepare_run(cfg: DictConfig) -> Run:
     datamodule = instantiate(cfg.data)
     datamodule.prepare(tokenizer)
 
-    extra = {"dpo": instantiate(cfg.dpo)} if "dpo" in cfg else {}
-    module = instantiate(cfg.module, _partial_=True)(
-        **extra,
-        model=model_spec,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=cfg.optim.scheduler,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        tokenizer=tokenizer,
-        exact_match=datamodule.exact_match,
-    )
-    if extra:
-        module.reference_cache_key = reference_cache_key(model_spec, datamodule, extra["dpo"])
+    module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match)
+    if "dpo" in cfg:
+        module.reference_cache_key = reference_cache_key(model_spec, datamodule, module.dpo)
     trainer = build_trainer(cfg, output_dir)
     return Run(cfg, output_dir, tokenizer, datamodule, module, trainer)
 

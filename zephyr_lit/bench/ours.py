@@ -133,6 +133,7 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
     from hydra.utils import instantiate
 
     from zephyr_lit.models import load_tokenizer
+    from zephyr_lit.run import build_module
 
     w = Workload.from_dict(job["workload"])
     kind, options = job["case"]["kind"], job["case"]["ours"]
@@ -144,16 +145,7 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
     tokenizer = load_tokenizer(spec)
     datamodule, micro_batches, train_rows = build_data(w, kind, options, job["rows"], tokenizer.pad_token_id,
                                            cfg.data.pad_to_multiple_of)
-    extra = {"dpo": instantiate(cfg.dpo)} if kind == "dpo" else {}
-    module = instantiate(cfg.module, _partial_=True)(
-        **extra,
-        model=spec,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=cfg.optim.scheduler,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        tokenizer=tokenizer,
-        exact_match=[],
-    )
+    module = build_module(cfg, spec, tokenizer, exact_match=[])
     if kind == "dpo":
         module.reference_cache_key = f"bench-{uuid.uuid4().hex}"  # never reuse a cache: precompute is measured
 
