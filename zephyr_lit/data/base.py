@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 class ShardedDataModule(L.LightningDataModule):
     """Subclasses set ``train_set``/``val_set`` in ``prepare`` and provide ``collate()``,
-    ``train_counts()`` (what the sampler sums per window) and ``unit`` (what one row is)."""
+    ``train_counts()`` (what the sampler sums per window), ``train_lengths()`` (each row's padded
+    length, for ``group_by_length``) and ``unit`` (what one row is)."""
 
     unit = "rows"
     path: str
@@ -34,6 +35,8 @@ class ShardedDataModule(L.LightningDataModule):
     num_workers: int
     shuffle: bool
     seed: int
+    group_by_length: bool
+    group_mega_batches: int
     global_batch_size: int | None
     train_set: datasets.Dataset | None
     val_set: datasets.Dataset | None
@@ -91,6 +94,15 @@ class ShardedDataModule(L.LightningDataModule):
     def train_counts(self) -> Sequence[int]:
         raise NotImplementedError
 
+    def train_lengths(self) -> Sequence[int]:
+        """Each training row's padded length: the tokens it makes its batch pad to."""
+        raise NotImplementedError
+
+    def check_grouping(self) -> None:
+        """Called by subclasses' ``__post_init__``: the grouping settings, before any data is loaded."""
+        if self.group_mega_batches < 1:
+            raise ConfigError(f"data.group_mega_batches={self.group_mega_batches}: must be >= 1")
+
     def world(self) -> tuple[int, int, int]:
         """``(world_size, rank, accumulate_grad_batches)``; ``(1, 0, 1)`` outside a trainer."""
         trainer = self.trainer
@@ -121,7 +133,9 @@ class ShardedDataModule(L.LightningDataModule):
         self.check_global_batch_size()
         world_size, rank, accumulate = self.world()
         sampler = WindowBatchSampler(
-            self.train_counts(), self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed
+            self.train_counts(), self.batch_size, accumulate, world_size, rank, self.shuffle, self.seed,
+            lengths=self.train_lengths() if self.group_by_length else None,
+            mega_batches=self.group_mega_batches,
         )
         if len(sampler) == 0:
             raise DataError(

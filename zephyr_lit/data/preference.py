@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -215,6 +216,8 @@ class PreferenceDataModule(ShardedDataModule):
     cache_dir: str | None = None
     shuffle: bool = True
     seed: int = 42
+    group_by_length: bool = False  # batches of pairs of similar length (see WindowBatchSampler)
+    group_mega_batches: int = 50   # global micro-steps per length-sorted chunk
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
@@ -226,6 +229,7 @@ class PreferenceDataModule(ShardedDataModule):
 
     def __post_init__(self) -> None:
         super().__init__()
+        self.check_grouping()
         if self.max_prompt_length is not None and self.max_prompt_length < 2:
             raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be >= 2 (BOS and one token) or null")
         self.train_set: datasets.Dataset | None = None
@@ -279,6 +283,13 @@ class PreferenceDataModule(ShardedDataModule):
 
     def train_counts(self) -> list[int]:
         return [1] * len(self.train_set)  # one per pair: the window count (unused by DPO) is pairs
+
+    def train_lengths(self) -> list[int]:
+        """``prompt_length + max(chosen_length, rejected_length)`` per pair: the batch's chosen and
+        rejected rows are padded to one length (``collate_pairs``)."""
+        table = self.train_set.with_format("arrow")
+        completion = pc.max_element_wise(table["chosen_length"], table["rejected_length"])
+        return pc.add(table["prompt_length"], completion).to_pylist()
 
     def precompute_dataloader(self, split: str) -> DataLoader:
         """The whole split (``"train"``/``"val"`` or its configured name), unshuffled, for caching the

@@ -22,6 +22,17 @@ class WindowBatchSampler:
     ``accumulate`` consecutive global micro-steps (the last window of an epoch may be shorter).
     A trailing global micro-step with fewer than ``world_size`` full slices is dropped so that every
     rank runs the same number of steps.
+
+    **Length grouping** (``lengths`` given: each row's padded length): the permutation, cut to whole
+    global micro-steps, is split into mega-chunks of ``mega_batches`` global micro-steps; each chunk is
+    sorted by length, longest first (stable), and cut into global micro-steps, so a micro-step holds rows
+    of similar length (less padding). The order of the global micro-steps is then shuffled (seeded by
+    ``seed + epoch``), except that the one holding the epoch's longest row goes first, as in HF's
+    ``LengthGroupedSampler``: a batch that does not fit in memory fails at once, not hours in. With
+    ``shuffle=False`` nothing is random: chunks of the dataset order, each sorted, in chunk order (the
+    longest step still first). Rank ``r`` still takes the ``r``-th slice of each global micro-step, so
+    rank 0 gets its longest rows. Windows and their token counts follow the final order. Everything is
+    the same on every rank.
     """
 
     def __init__(
@@ -33,11 +44,19 @@ class WindowBatchSampler:
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        mega_batches: int = 50,
     ) -> None:
         self.label_counts = torch.as_tensor(label_counts, dtype=torch.long)
         self.batch_size, self.accumulate = batch_size, accumulate
         self.world_size, self.rank = world_size, rank
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        if self.lengths is not None and len(self.lengths) != len(self.label_counts):
+            raise ValueError(f"{len(self.lengths)} lengths for {len(self.label_counts)} rows")
+        if mega_batches < 1:
+            raise ValueError(f"mega_batches={mega_batches}: must be >= 1")
+        self.mega_batches = mega_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -45,15 +64,30 @@ class WindowBatchSampler:
     def __len__(self) -> int:
         return len(self.label_counts) // (self.batch_size * self.world_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        n = len(self.label_counts)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.arange(n)
+    def global_steps(self) -> torch.Tensor:
+        """This epoch's global micro-steps in order, ``(steps, world_size, batch_size)`` row indices;
+        the same on every rank."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, step = len(self.label_counts), self.batch_size * self.world_size
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order[: len(self) * step]
+        if self.lengths is not None and len(self):
+            order = self.grouped(order, generator)
+        return order.view(len(self), self.world_size, self.batch_size)
+
+    def grouped(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``order`` (whole global micro-steps) with each mega-chunk sorted longest first, then its
+        global micro-steps reordered: the longest first, the rest shuffled when ``shuffle``."""
         step = self.batch_size * self.world_size
-        steps = order[: len(self) * step].view(len(self), self.world_size, self.batch_size)  # (S, W, B)
+        chunks = torch.split(order, self.mega_batches * step)
+        order = torch.cat([c[torch.sort(self.lengths[c], descending=True, stable=True).indices] for c in chunks])
+        steps = order.view(-1, step)
+        rest = torch.randperm(len(steps), generator=generator) if self.shuffle else torch.arange(len(steps))
+        longest = self.lengths[steps[:, 0]].argmax()  # a step's first row is its longest; first such step
+        return steps[torch.cat([longest.view(1), rest[rest != longest]])].flatten()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        steps = self.global_steps()  # (S, W, B)
         for start in range(0, len(self), self.accumulate):
             window = steps[start : start + self.accumulate]  # (A, W, B)
             tokens = int(self.label_counts[window.flatten()].sum())

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.data.base import ShardedDataModule
@@ -75,6 +76,8 @@ class SFTDataModule(ShardedDataModule):
     cache_dir: str | None = None
     shuffle: bool = True
     seed: int = 42
+    group_by_length: bool = False  # batches of rows of similar length (see WindowBatchSampler)
+    group_mega_batches: int = 50   # global micro-steps per length-sorted chunk
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
@@ -86,6 +89,7 @@ class SFTDataModule(ShardedDataModule):
 
     def __post_init__(self) -> None:
         super().__init__()
+        self.check_grouping()
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
         self.exact_match: list[dict] = []
@@ -132,3 +136,7 @@ class SFTDataModule(ShardedDataModule):
 
     def train_counts(self) -> list[int]:
         return self.train_set["num_labels"]  # the window's label tokens normalise the loss
+
+    def train_lengths(self) -> list[int]:
+        """``len(input_ids)`` of each (possibly packed) row, read from Arrow without decoding the ids."""
+        return pc.list_value_length(self.train_set.with_format("arrow")["input_ids"]).to_pylist()
