@@ -181,3 +181,77 @@ def test_head_at_labelled_positions_equals_the_full_logits_path(chunk_tokens):
     scores.logps().sum().backward()
     torch.testing.assert_close(model.lm_head.weight.grad, expected_grad[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, expected_grad[1], rtol=1e-4, atol=1e-6)
+
+
+# ---- rows of similar length in separate passes ------------------------------------------------
+@pytest.mark.parametrize(
+    ("lengths", "max_groups", "expected"),
+    [
+        # [8, 2, 8, 2]: one pass 4 x 8 = 32 positions; {0, 2} x 8 + {1, 3} x 2 = 20, and 20 x 1.03 < 32
+        ([8, 2, 8, 2], 4, [[0, 2], [1, 3]]),
+        # [10, 9, 3, 2] in at most 2: {0, 1} x 10 + {2, 3} x 3 = 26 (one pass: 40; {0} + {1, 2, 3} x 9: 37)
+        ([10, 9, 3, 2], 2, [[0, 1], [2, 3]]),
+        # [10, 10, 10, 9]: one pass 40; the best split 30 + 9 = 39, but 39 x 1.03 = 40.17 > 40
+        ([10, 10, 10, 9], 4, [[0, 1, 2, 3]]),
+        ([10, 2], 1, [[0, 1]]),  # max_groups 1: always one pass
+        ([7], 4, [[0]]),
+    ],
+)
+def test_length_groups_cut_sorted_rows_where_it_saves_padding(lengths, max_groups, expected):
+    from zephyr_lit.logprobs import length_groups
+
+    assert length_groups(lengths, max_groups) == expected
+
+
+def test_right_padded_lengths_refuses_left_padding():
+    from zephyr_lit.logprobs import right_padded_lengths
+
+    assert right_padded_lengths(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])) == [3, 4, 1]
+    assert right_padded_lengths(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])) is None
+
+
+def test_length_grouped_passes_equal_one_padded_pass_and_skip_the_padding():
+    """Rows of lengths 12, 4, 12, 4 run as two passes of widths 12 and 4 (24 + 8 positions instead
+    of 48; a third pass would save nothing; the padding is never computed) and give the same log-probs, token counts, logit sums and gradients as one pass."""
+    from zephyr_lit.logprobs import model_completion_scores
+
+    torch.manual_seed(0)
+    model, _ = _tiny_model_and_batch()
+    input_ids = torch.randint(3, 1000, (4, 12))
+    lengths = [12, 4, 12, 4]
+    attention_mask = (torch.arange(12).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :2] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    one = model_completion_scores(model, batch, max_groups=1)
+    one.logps().sum().backward()
+    expected_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    grouped = model_completion_scores(model, batch, max_groups=4)
+    hook.remove()
+    assert widths == [torch.Size([2, 12]), torch.Size([2, 4])]  # rows {0, 2} then {1, 3}
+    assert grouped.token_count.tolist() == [10, 2, 10, 2] == one.token_count.tolist()  # targets 2..L-1
+    torch.testing.assert_close(grouped.logps(), one.logps(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.logit_sum, one.logit_sum, rtol=1e-5, atol=1e-4)
+    grouped.logps().sum().backward()
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_always_run_as_one_pass():
+    from zephyr_lit.logprobs import model_completion_scores
+
+    model, _ = _tiny_model_and_batch()
+    input_ids = torch.randint(3, 1000, (2, 8))
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 0, 1, 2, 3]])
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    model_completion_scores(model, {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids},
+                            max_groups=4)
+    hook.remove()
+    assert widths == [torch.Size([2, 8])]

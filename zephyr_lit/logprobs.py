@@ -153,9 +153,54 @@ def completion_scores(
     )
 
 
-def model_completion_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 2048) -> CompletionScores:
-    """``completion_scores`` for ``batch`` (``input_ids``, ``attention_mask`` and/or ``position_ids``,
-    ``labels``) through ``model``; models whose logits are not a plain head fall back to full logits."""
+# ---- rows of similar length, each group trimmed to its own longest row -------------------------
+def length_groups(lengths: list[int], max_groups: int, group_cost: float = 0.03) -> list[list[int]]:
+    """Split the rows of a right-padded batch into at most ``max_groups`` groups of similar length.
+
+    Rows are sorted by length (longest first) and cut into contiguous runs; run ``g`` is padded to
+    its longest row ``L_g`` only, so it costs ``|g| * L_g`` token positions instead of ``|g| * T``.
+    Among the cuts into ``k`` runs the one with the fewest padded positions ``P_k`` is found by
+    dynamic programming (optimal: a partition by sorted length is never beaten by an unsorted one),
+    and ``k`` minimises ``P_k * (1 + group_cost * (k - 1))``: each extra forward pass must save more
+    than ``group_cost`` of the work. Returns the groups as lists of row indices, longest group first;
+    ``[[0, ..., R-1]]`` (one pass) when splitting does not pay.
+    """
+    rows = len(lengths)
+    if max_groups <= 1 or rows <= 1:
+        return [list(range(rows))]
+    order = sorted(range(rows), key=lambda i: -lengths[i])  # stable: ties keep batch order
+    sorted_lengths = [lengths[i] for i in order]
+    groups = min(max_groups, rows)
+    inf = float("inf")
+    # cost[k][j]: fewest padded positions for the first j sorted rows in k runs; cut[k][j]: where the last run starts
+    cost = [[inf] * (rows + 1) for _ in range(groups + 1)]
+    cut = [[0] * (rows + 1) for _ in range(groups + 1)]
+    cost[0][0] = 0
+    for k in range(1, groups + 1):
+        for j in range(1, rows + 1):
+            for i in range(k - 1, j):  # last run = sorted rows i..j-1, its longest is sorted_lengths[i]
+                candidate = cost[k - 1][i] + (j - i) * sorted_lengths[i]
+                if candidate < cost[k][j]:
+                    cost[k][j], cut[k][j] = candidate, i
+    best = min(range(1, groups + 1), key=lambda k: (cost[k][rows] * (1 + group_cost * (k - 1)), k))
+    bounds, j = [], rows
+    for k in range(best, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
+def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+    """Each row's real length if every row is ``1 ... 1 0 ... 0`` (right padding), else None."""
+    lengths = attention_mask.sum(-1)  # (R,)
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    prefix = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (R, T)
+    if not torch.equal(attention_mask.bool(), prefix):
+        return None
+    return lengths.tolist()
+
+
+def _one_pass(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> CompletionScores:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     parts = split_head(model)
     if parts is None:
@@ -166,3 +211,39 @@ def model_completion_scores(model: torch.nn.Module, batch: dict[str, torch.Tenso
     body, head = parts
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (R, T, H)
     return completion_scores(hidden, head, batch["labels"], chunk_tokens)
+
+
+def model_completion_scores(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 2048, max_groups: int = 1
+) -> CompletionScores:
+    """``completion_scores`` for ``batch`` (``input_ids``, ``attention_mask`` and/or ``position_ids``,
+    ``labels``) through ``model``; models whose logits are not a plain head fall back to full logits.
+
+    ``max_groups > 1``: a right-padded batch (with ``attention_mask``) runs as up to that many passes
+    over rows of similar length (``length_groups``), each cut to its longest row (rounded up to a
+    multiple of 8 on CUDA). Under causal attention a row's log-probs do not depend on the padding after
+    it, so the scores equal one padded pass (up to float rounding); the padded positions are not
+    computed. Packed rows (``position_ids``, no mask) always run as one pass.
+    """
+    mask = batch.get("attention_mask")
+    lengths = right_padded_lengths(mask) if max_groups > 1 and mask is not None and "position_ids" not in batch else None
+    groups = length_groups(lengths, max_groups) if lengths is not None else None
+    if groups is None or len(groups) == 1:
+        return _one_pass(model, batch, chunk_tokens)
+    width = mask.size(1)
+    multiple = 8 if mask.device.type == "cuda" else 1
+    results, order = [], []
+    for rows in groups:
+        length = min(width, -(-max(lengths[i] for i in rows) // multiple) * multiple)
+        index = torch.as_tensor(rows, device=mask.device)
+        part = {k: batch[k].index_select(0, index)[:, :length]
+                for k in ("input_ids", "attention_mask", "labels")}
+        results.append(_one_pass(model, part, chunk_tokens))
+        order += rows
+    inverse = torch.argsort(torch.as_tensor(order, device=mask.device))  # group order -> batch order
+    return CompletionScores(
+        logp_sum=torch.cat([r.logp_sum for r in results])[inverse],
+        token_count=torch.cat([r.token_count for r in results])[inverse],
+        logit_sum=torch.cat([r.logit_sum for r in results])[inverse],
+        vocab_size=results[0].vocab_size,
+    )

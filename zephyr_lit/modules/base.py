@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.evaluation import exact_match_rate
+from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.models import ModelSpec
 from zephyr_lit.schedule import build_scheduler
 from zephyr_lit.zero3 import hf_deepspeed_config, zero3_config
@@ -26,6 +29,7 @@ class ChatModule(L.LightningModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
         exact_match: list[dict] | None = None,
         exact_match_max_new_tokens: int = 32,
+        length_groups: int = 1,
     ) -> None:
         super().__init__()
         self.model_spec = model
@@ -34,6 +38,7 @@ class ChatModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.exact_match = exact_match or []
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
+        self.length_groups = length_groups
         self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
 
     def hold_zero3_loading_config(self) -> None:
@@ -46,6 +51,15 @@ class ChatModule(L.LightningModule):
     @property
     def trained_model(self):
         raise NotImplementedError
+
+    def scores(self, model, batch: dict[str, torch.Tensor]) -> CompletionScores:
+        """Log-probs of ``batch``'s labelled tokens under ``model``: the LM head only at those
+        positions, and padded rows in up to ``module.length_groups`` passes of similar length
+        (one pass under DeepSpeed, where every pass would gather the ZeRO-3 shards again)."""
+        groups = self.length_groups
+        if groups > 1 and self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            groups = 1
+        return model_completion_scores(model, batch, max_groups=groups)
 
     def for_backward(self, loss):
         """The loss to return from ``training_step``. Lightning divides it by ``accumulate_grad_batches``;

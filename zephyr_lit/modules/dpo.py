@@ -1,7 +1,7 @@
 """DPOModule: the trainable policy and its frozen reference, kept in sync.
 
 One step, as data: ``(2B, T)`` batch (chosen rows, then rejected rows) -> policy hidden states (one
-pass) -> LM head at the completion positions only -> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
+pass; padded rows in a few passes of similar length, ``module.length_groups``) -> LM head at the completion positions only -> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
 -> ``dpo_loss`` -> loss and detached rewards -> ``train/...`` and ``val/...`` metrics.
 
 The reference is built from the same weights as the policy (same spec, same code path, so the
@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.losses import LossType, dpo_loss
 from zephyr_lit.models import build_model
 from zephyr_lit.modules.base import ChatModule
@@ -94,10 +93,6 @@ class DPOModule(ChatModule):
         self.reference = None
 
     # ---- one step ----------------------------------------------------------------------------
-    def _scores(self, model, batch: dict[str, torch.Tensor]) -> CompletionScores:
-        """One pass over the ``(2B, T)`` rows; the LM head only at completion positions."""
-        return model_completion_scores(model, batch)
-
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         """``(2B,)``: chosen then rejected, from the cache when present, else one no-grad pass."""
@@ -105,11 +100,11 @@ class DPOModule(ChatModule):
             chosen, rejected = self.cached_logps[split]
             index = batch["index"].cpu()
             return torch.cat([chosen[index], rejected[index]]).to(self.device)
-        return self._scores(self.reference, batch).logps(self.dpo.average)
+        return self.scores(self.reference, batch).logps(self.dpo.average)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str, split: str) -> torch.Tensor:
         size = batch["index"].numel()  # B pairs; the batch holds 2B rows
-        scores = self._scores(self.policy, batch)
+        scores = self.scores(self.policy, batch)
         policy = scores.logps(self.dpo.average)  # (2B,)
         reference = self.reference_logps(batch, split)
         out = dpo_loss(

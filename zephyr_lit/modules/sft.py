@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from zephyr_lit.logprobs import model_completion_scores
 from zephyr_lit.models import build_model
 from zephyr_lit.modules.base import ChatModule
 
@@ -41,7 +40,7 @@ class SFTModule(ChatModule):
         return self.model(**inputs, use_cache=False).logits  # (B, T, V)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll_sum = -model_completion_scores(self.model, batch).logp_sum.sum()
+        nll_sum = -self.scores(self.model, batch).logp_sum.sum()
         window_tokens = batch["window_tokens"].clamp(min=1)
         self._window_nll += nll_sum.detach() / window_tokens
         self._window_real_tokens += batch["num_tokens"]
@@ -70,7 +69,7 @@ class SFTModule(ChatModule):
         self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        scores = model_completion_scores(self.model, batch)
+        scores = self.scores(self.model, batch)
         nll_sum, count = -scores.logp_sum.sum(), scores.token_count.sum()
         self._val_nll += nll_sum.double()
         self._val_tokens += count.double()
