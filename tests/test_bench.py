@@ -18,12 +18,12 @@ from zephyr_lit.bench.workload import (
     Workload,
     dpo_rows,
     label_count,
-    length_grouped_batches,
     mistral_config,
     pair_length,
     pair_tokens,
     parameter_count,
     plan_steps,
+    rows_needed,
     sequential_batches,
     sft_rows,
     window_label_tokens,
@@ -58,13 +58,26 @@ def test_rows_are_seeded_in_range_and_never_need_truncation():
 
 def test_batch_plans():
     assert sequential_batches(5, 2) == [[0, 1], [2, 3], [4]]
-    lengths = [5, 1, 9, 3, 7, 2, 8, 4]
-    grouped = length_grouped_batches(lengths, batch_size=2, seed=0)
+    # dpo-best's batches come from the data modules' sampler (data.group_by_length=true)
+    from zephyr_lit.bench.ours import grouped_batches
+
+    w = Workload(pairs=8, pair_batch=2, prompt_min=1, prompt_max=9, completion_min=1, completion_max=9)
+    rows = dpo_rows(w)
+    lengths = [pair_length(r) for r in rows]
+    grouped = grouped_batches(w, rows, epoch=0)
     assert sorted(i for b in grouped for i in b) == list(range(8))
     assert all(len(b) == 2 for b in grouped)
-    # one mega-batch here: the batches hold neighbours in length order
-    assert sorted(tuple(sorted(lengths[i] for i in b)) for b in grouped) == [(1, 2), (3, 4), (5, 7), (8, 9)]
-    assert grouped == length_grouped_batches(lengths, batch_size=2, seed=0)
+    # one mega-batch here: the batches hold neighbours in length order, the longest first
+    pairs_by_length = sorted(range(8), key=lambda i: -lengths[i])
+    expected = {frozenset(lengths[i] for i in pairs_by_length[j : j + 2]) for j in range(0, 8, 2)}
+    assert {frozenset(lengths[i] for i in b) for b in grouped} == expected
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)
+    assert grouped == grouped_batches(w, rows, epoch=0)
+
+    # rows read in order by `steps` optimizer steps: both sides get only those
+    assert rows_needed(Workload(steps=10), "dpo") == 80 and rows_needed(Workload(steps=10), "sft") == 80
+    assert rows_needed(Workload(steps=40, accumulate=2), "dpo") == 256  # more than an epoch: all rows
+    assert rows_needed(Workload(steps=None), "sft") == 256
 
     epochs = []
     plan = plan_steps(lambda e: epochs.append(e) or [[e, 0], [e, 1]], steps=3)

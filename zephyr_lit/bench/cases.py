@@ -2,8 +2,8 @@
 
 Options read by the workers (``ours.py``, ``trl_side.py``):
 
-- ours: ``order`` (``sequential``: the rows in index order, ``grouped``: length-grouped batches in
-  a seeded order), ``precompute`` (``dpo.ref.precompute``), ``packing`` (SFT: our ``pack_sequences``
+- ours: ``order`` (``sequential``: the rows in index order, ``grouped``: the length-grouped batches
+  that ``data.group_by_length=true`` draws), ``precompute`` (``dpo.ref.precompute``), ``packing`` (SFT: our ``pack_sequences``
   into rows of at most ``max_length`` tokens, batches of that many packed rows).
 - trl: ``sampler`` (``sequential`` or TRL's ``default``: random), ``optim`` (``adamw_torch``, the
   same ``torch.optim.AdamW`` as ours, or TRL's ``default``: fused AdamW), ``ref_model`` (an explicit
@@ -59,7 +59,7 @@ CASES: tuple[Case, ...] = (
         "dpo-best", "dpo", "DPO, our best settings vs TRL default",
         ours={"order": "grouped", "precompute": True},
         trl={"sampler": "default", "optim": "default", "ref_model": True, "precompute": False},
-        ours_label="precompute + length-grouped batches (grouped by the bench: no data-module option yet)",
+        ours_label="dpo.ref.precompute=true + data.group_by_length=true (length-grouped batches)",
         trl_label="TRL defaults (random sampler, fused AdamW, online ref_model) but fp32, no grad checkpointing",
     ),
     Case(

@@ -31,8 +31,8 @@ from zephyr_lit.bench.workload import (
     Workload,
     describe_model,
     dpo_rows,
-    pair_tokens,
     parameter_count,
+    rows_needed,
     sft_rows,
     write_model_folder,
 )
@@ -40,7 +40,7 @@ from zephyr_lit.bench.workload import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = """examples:
   python -m zephyr_lit.bench --quick                 # every case, a few steps, 1 repeat (minutes)
-  python -m zephyr_lit.bench                         # the figures: full workload, 3 repeats (hours on 2 CPU threads)
+  python -m zephyr_lit.bench                         # the figures: 2 warm-up + 8 timed steps, 3 repeats (~1 h on 2 CPU threads)
   python -m zephyr_lit.bench --cases dpo --out DIR   # DPO cases only; later --cases sft --out DIR adds SFT
   python -m zephyr_lit.bench --report DIR            # the table again from DIR/runs.jsonl
   python -m zephyr_lit.bench --device cuda           # on a GPU, with MFU
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the GPU's dense peak for MFU (default: looked up from the device name)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a workload field, e.g. --set layers=2 hidden=128 steps=6")
+    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides for our side only, e.g. --ours module.length_groups=1 (recorded)")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/bench/<time>[-quick]")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it counts as failed")
     parser.add_argument("--plan", action="store_true", help="print the runs and exit")
@@ -162,18 +164,18 @@ def progress_line(index: int, total: int, result: dict) -> str:
 
 def estimate_full(runs: list[dict], quick: Workload, repeats: int = 3) -> float | None:
     """A rough wall time of the full run from quick runs: per run, imports and set-up (the reference
-    precompute scaled to the full rows) plus a full epoch of real tokens at the measured rate."""
+    precompute scaled to the rows the full run reads) plus the full run's steps at the measured pace."""
     full = dataclasses.replace(quick, **{key: getattr(Workload(), key) for key in QUICK})
-    epoch_tokens = {"dpo": sum(pair_tokens(r) for r in dpo_rows(full)),
-                    "sft": sum(len(r["input_ids"]) for r in sft_rows(full))}
-    scale = {"dpo": full.pairs / quick.pairs, "sft": full.sequences / quick.sequences}
     total = 0.0
     for r in runs:
         if "error" in r:
             return None
         kind = "dpo" if r["case"].startswith("dpo") else "sft"
-        setup = r["setup_s"] * (scale[kind] if "precompute" in r["case"] or r["case"] == "dpo-best" else 1.0)
-        total += r["import_s"] + setup + epoch_tokens[kind] / r["tokens_per_s"]
+        step_s = r["timed_s"] / r["timed_steps"]
+        steps = full.steps if full.steps is not None else rows_needed(full, kind) // (full.pair_batch if kind == "dpo" else full.sft_batch)
+        precompute = "precompute" in r["case"] or r["case"] == "dpo-best"
+        setup = r["setup_s"] * (rows_needed(full, kind) / rows_needed(quick, kind) if precompute else 1.0)
+        total += r["import_s"] + setup + steps * step_s
     return total * repeats
 
 
@@ -213,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_path = out / "runs.jsonl"
     for index, (repeat, case, side) in enumerate(runs, start=1):
         job = {"side": side, "case": case.to_dict(), "repeat": repeat, "device": args.device,
-               "workload": w.to_dict(), "model_dir": str(files["model"]), "rows_file": str(files[case.kind])}
+               "workload": w.to_dict(), "model_dir": str(files["model"]), "rows_file": str(files[case.kind]),
+               "ours_overrides": list(args.ours)}
+        if case.same_batches:  # both read rows in order: give both only the rows the steps reach
+            job["row_limit"] = rows_needed(w, case.kind)
         if args.profile:
             job["profile_step"] = w.warmup
             job["profile_path"] = str(out / "jobs" / f"{case.name}-{side}-r{repeat}.profile.txt")
@@ -256,8 +261,8 @@ def render(out: Path, results: list[dict], w: Workload, device: str, repeats: in
     if quick:
         estimate = estimate_full(results, w)
         if estimate is not None:
-            table += (f"\n\nEstimated full run (same settings, 3 repeats of {Workload().pairs} pairs / "
-                      f"{Workload().sequences} sequences, at these rates): ~{estimate / 3600:.1f} h")
+            table += (f"\n\nEstimated full run (same settings, 3 repeats of {Workload().steps} steps, at these rates): "
+                      f"~{estimate / 60:.0f} min")
     print("\n" + table)
     (out / "table.txt").write_text(table + "\n")
     write_csv(out / "runs.csv", results)

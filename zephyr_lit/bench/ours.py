@@ -18,7 +18,6 @@ from zephyr_lit.bench.measure import StepRecorder
 from zephyr_lit.bench.workload import (
     Workload,
     label_count,
-    length_grouped_batches,
     pair_length,
     plan_steps,
     sequential_batches,
@@ -28,7 +27,7 @@ from zephyr_lit.bench.workload import (
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_ours(w: Workload, kind: str, options: dict, model_dir: str, work_dir: Path):
+def compose_ours(w: Workload, kind: str, options: dict, model_dir: str, work_dir: Path, extra: list[str] = ()):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -61,6 +60,7 @@ def compose_ours(w: Workload, kind: str, options: dict, model_dir: str, work_dir
         ]
     else:
         overrides += ["module=sft", "data=ultrachat_tiny"]
+    overrides += list(extra)  # --ours KEY=VALUE
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -71,6 +71,17 @@ def _loader(samples: list, collate):
 
     # batch_size=None: each sample is one whole batch plan, collated when the loop asks for it.
     return DataLoader(samples, batch_size=None, shuffle=False, collate_fn=collate, num_workers=0)
+
+
+def grouped_batches(w: Workload, rows: list[dict], epoch: int) -> list[list[int]]:
+    """One epoch of length-grouped pair batches, drawn by the data modules' own sampler
+    (``data.group_by_length=true``, one rank, no accumulation)."""
+    from zephyr_lit.data.sampler import WindowBatchSampler
+
+    sampler = WindowBatchSampler([0] * len(rows), w.pair_batch, accumulate=1, shuffle=True, seed=w.seed,
+                                 lengths=[pair_length(r) for r in rows])
+    sampler.set_epoch(epoch)
+    return [[index for index, _ in batch] for batch in sampler]
 
 
 def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: int, pad_to_multiple_of):
@@ -85,15 +96,14 @@ def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: 
             return collate_pairs([rows[i] for i in indices], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
         if options.get("order") == "grouped":
-            lengths = [pair_length(r) for r in rows]
-            plan = plan_steps(lambda epoch: length_grouped_batches(lengths, w.pair_batch, w.seed + epoch),
-                              w.steps, w.accumulate)
+            plan = plan_steps(lambda epoch: grouped_batches(w, rows, epoch), w.steps, w.accumulate)
         else:
             plan = plan_steps(lambda epoch: sequential_batches(len(rows), w.pair_batch), w.steps, w.accumulate)
         train = _loader(plan, collate)
-        every = sequential_batches(len(rows), w.pair_batch)
+        used = sorted({i for batch in plan for i in batch})  # the reference precompute covers these rows only
+        every = [used[start : start + w.pair_batch] for start in range(0, len(used), w.pair_batch)]
         precompute = {"train": _loader(every, collate), "val": _loader(every[:1], collate)}
-        served = len(rows)
+        served = len(used)
     else:
         from zephyr_lit.data.collate import pad_batch
         from zephyr_lit.data.tokenize import pack_sequences
@@ -138,7 +148,7 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
     w = Workload.from_dict(job["workload"])
     kind, options = job["case"]["kind"], job["case"]["ours"]
     work_dir = Path(job["work_dir"])
-    cfg = compose_ours(w, kind, options, job["model_dir"], work_dir)
+    cfg = compose_ours(w, kind, options, job["model_dir"], work_dir, job.get("ours_overrides", []))
     L.seed_everything(cfg.seed, workers=True)
 
     spec = instantiate(cfg.model)
@@ -182,6 +192,8 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
         "gradient_clip_val": trainer.gradient_clip_val,
         "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
         "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+        "length_groups": cfg.module.get("length_groups", 1),
+        "overrides": job.get("ours_overrides", []),
         "micro_batches": micro_batches,
         "train_rows": train_rows,
     }

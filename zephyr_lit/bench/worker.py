@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(job["workload"]["threads"])
         from zephyr_lit.bench.measure import StepRecorder, cuda_peak_mib, peak_rss_mib, summarise
 
-        job["rows"] = json.loads(Path(job["rows_file"]).read_text())
+        job["rows"] = json.loads(Path(job["rows_file"]).read_text())[: job.get("row_limit")]
         recorder = StepRecorder(cuda=job["device"] == "cuda", profile_step=job.get("profile_step"),
                                 profile_path=job.get("profile_path"))
         if job["side"] == "ours":

@@ -57,9 +57,9 @@ class Workload:
     max_length: int = 512
     threads: int = 2
     seed: int = 0
-    # measurement: optimizer steps excluded from timing, then ``steps`` in all (None: one epoch)
-    warmup: int = 3
-    steps: int | None = None
+    # measurement: ``warmup`` optimizer steps excluded from timing, ``steps`` in all (None: one epoch)
+    warmup: int = 2
+    steps: int | None = 10
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,22 +150,6 @@ def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega_batches: int = 50) -> list[list[int]]:
-    """Batches of similar lengths, in a seeded random order (what ``LengthGroupedSampler`` does):
-    shuffle, cut into mega-batches of ``batch_size * mega_batches`` rows, sort each by length
-    (longest first), cut into batches, shuffle the batches."""
-    rng = random.Random(f"grouped-{seed}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = batch_size * mega_batches
-    batches = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def plan_steps(epoch_plan, steps: int | None, accumulate: int = 1) -> list[list[int]]:
     """The micro-batches of a run: one epoch (``steps`` None), or ``steps * accumulate`` micro-batches
     taken from epoch after epoch. ``epoch_plan(epoch)`` returns that epoch's batches."""
@@ -177,6 +161,14 @@ def plan_steps(epoch_plan, steps: int | None, accumulate: int = 1) -> list[list[
         epoch += 1
         batches += epoch_plan(epoch)
     return batches[:wanted]
+
+
+def rows_needed(w: Workload, kind: str) -> int:
+    """Rows that ``steps`` optimizer steps read in dataset order (all of them for a whole epoch)."""
+    total, batch = (w.pairs, w.pair_batch) if kind == "dpo" else (w.sequences, w.sft_batch)
+    if w.steps is None:
+        return total
+    return min(total, w.steps * w.accumulate * batch)
 
 
 def window_label_tokens(batches: list[list[int]], counts: list[int], accumulate: int) -> list[int]:
