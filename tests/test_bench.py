@@ -156,3 +156,28 @@ def test_cases_and_run_order():
     order = [(r, c.name, s) for r, c, s in plan_runs(select_cases(["dpo-online"]), 2, ["ours", "trl"])]
     assert order == [(0, "dpo-online", "ours"), (0, "dpo-online", "trl"),
                      (1, "dpo-online", "trl"), (1, "dpo-online", "ours")]
+
+
+def test_targets_pick_the_fastest_case_of_each_side_and_check_memory():
+    from zephyr_lit.bench.report import check_targets, format_targets
+
+    def case(name, ours, trl, ours_tok=None, trl_tok=None, memory=(100.0, 100.0)):
+        side = lambda rows, tok, mem: {"rows_per_s": rows, "tokens_per_s": tok, "peak_rss_mib": mem}  # noqa: E731
+        return {"case": name, "ours": side(ours, ours_tok, memory[0]), "trl": side(trl, trl_tok, memory[1]),
+                "peak_rss_mib_ratio": memory[0] / memory[1]}
+
+    summaries = [
+        case("dpo-online", 1.3, 1.0),  # exactly the target: met
+        case("dpo-precompute", 1.2, 1.0),  # 1.2 < 1.3: missed
+        case("sft-padded", 1, 1, ours_tok=500, trl_tok=400),
+        case("sft-packed", 1, 1, ours_tok=700, trl_tok=300, memory=(110.0, 100.0)),
+    ]
+    checks = {c["what"]: c for c in check_targets(summaries, cuda=False)}
+    assert checks["DPO pairs/s, equal settings, online reference"]["met"]
+    assert not checks["DPO pairs/s, equal settings, precomputed reference"]["met"]
+    sft = checks["SFT tokens/s, our best vs TRL's best configuration"]
+    assert sft["ratio"] == pytest.approx(700 / 400) and (sft["ours_case"], sft["trl_case"]) == ("sft-packed", "sft-padded")
+    assert not checks["peak memory, sft-packed"]["met"] and checks["peak memory, sft-padded"]["met"]
+    assert "DPO pairs/s, our best settings vs TRL default" not in checks  # case not run
+    text = format_targets(list(checks.values()))
+    assert "MISSED DPO pairs/s, equal settings, precomputed reference: 1.20x, target >= 1.3x" in text

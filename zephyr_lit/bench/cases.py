@@ -3,7 +3,7 @@
 Options read by the workers (``ours.py``, ``trl_side.py``):
 
 - ours: ``order`` (``sequential``: the rows in index order, ``grouped``: the length-grouped batches
-  that ``data.group_by_length=true`` draws), ``precompute`` (``dpo.ref.precompute``), ``packing`` (SFT: our ``pack_sequences``
+  that ``data.group_by_length=true`` draws), ``precompute`` (``dpo.ref.precompute``), ``length_groups`` (``module.length_groups``), ``packing`` (SFT: our ``pack_sequences``
   into rows of at most ``max_length`` tokens, batches of that many packed rows).
 - trl: ``sampler`` (``sequential`` or TRL's ``default``: random), ``optim`` (``adamw_torch``, the
   same ``torch.optim.AdamW`` as ours, or TRL's ``default``: fused AdamW), ``ref_model`` (an explicit
@@ -71,11 +71,11 @@ CASES: tuple[Case, ...] = (
         trl_label="padded batches, sequential sampler, optim=adamw_torch",
     ),
     Case(
-        "sft-padding-free", "sft", "SFT without packing: ours padded vs TRL padding_free",
-        ours={"order": "sequential", "packing": False},
+        "sft-padding-free", "sft", "SFT without packing: ours length-grouped passes vs TRL padding_free",
+        ours={"order": "sequential", "packing": False, "length_groups": 4},
         trl={**EQUAL_TRL, "padding_free": True, "packing": False},
         same_batches=True,
-        ours_label="padded batches",
+        ours_label="padded batches run as up to 4 passes of similar length (module.length_groups=4)",
         trl_label="padding_free=True (each batch flattened into one row), same batches",
     ),
     Case(

@@ -25,7 +25,14 @@ from pathlib import Path
 
 from zephyr_lit.bench.cases import CASE_NAMES, select_cases
 from zephyr_lit.bench.measure import peak_tflops
-from zephyr_lit.bench.report import format_legend, format_table, summarise_case, write_csv
+from zephyr_lit.bench.report import (
+    check_targets,
+    format_legend,
+    format_table,
+    format_targets,
+    summarise_case,
+    write_csv,
+)
 from zephyr_lit.bench.workload import (
     QUICK,
     Workload,
@@ -254,7 +261,9 @@ def render(out: Path, results: list[dict], w: Workload, device: str, repeats: in
               f"{mode} | medians")
     if len(codes) > 1:
         header += f"\nWARNING: the code changed between runs ({', '.join(codes)}): see runs.jsonl 'code'"
-    table = format_table(summaries, header, cuda=device == "cuda") + "\n\n" + format_legend(cases)
+    checks = check_targets(summaries, cuda=device == "cuda")
+    table = format_table(summaries, header, cuda=device == "cuda") + "\n\n" + format_targets(checks)
+    table += "\n\n" + format_legend(cases)
     if device == "cuda":
         table += f"\nMFU = 6 x {compute_params / 1e6:.1f}M params (all but the input embedding) x tok/s / " \
                  f"{peak if peak else '?'} TFLOP/s peak ({w.dtype})."
@@ -268,7 +277,7 @@ def render(out: Path, results: list[dict], w: Workload, device: str, repeats: in
     write_csv(out / "runs.csv", results)
     summary = {"workload": w.to_dict(), "device": device, "device_name": device_name, "peak_tflops": peak,
                "params": parameter_count(w), "repeats": repeats, "versions": versions,
-               "host": platform.node(), "cases": summaries}
+               "host": platform.node(), "cases": summaries, "targets": checks}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     return table
 

@@ -60,6 +60,8 @@ def compose_ours(w: Workload, kind: str, options: dict, model_dir: str, work_dir
         ]
     else:
         overrides += ["module=sft", "data=ultrachat_tiny"]
+    if "length_groups" in options:
+        overrides.append(f"module.length_groups={options['length_groups']}")
     overrides += list(extra)  # --ours KEY=VALUE
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

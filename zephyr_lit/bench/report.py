@@ -93,6 +93,49 @@ def format_table(summaries: list[dict], header: str, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+TARGETS = (  # (what, ours/TRL throughput target, cases ours may pick from, cases TRL may pick from)
+    ("DPO pairs/s, equal settings, online reference", 1.3, ("dpo-online",), ("dpo-online",)),
+    ("DPO pairs/s, equal settings, precomputed reference", 1.3, ("dpo-precompute",), ("dpo-precompute",)),
+    ("DPO pairs/s, our best settings vs TRL default", 2.0, ("dpo-best",), ("dpo-best",)),
+    ("SFT tokens/s, our best vs TRL's best configuration", 1.2,
+     ("sft-padded", "sft-padding-free", "sft-packed"), ("sft-padded", "sft-padding-free", "sft-packed")),
+)
+
+
+def check_targets(summaries: list[dict], cuda: bool) -> list[dict]:
+    """The issue's acceptance ratios from the medians: for each target, the fastest of our cases over
+    the fastest of TRL's (SFT compares tokens/s, DPO pairs/s), and peak memory of every case."""
+    by_name = {s["case"]: s for s in summaries}
+    checks = []
+    for what, target, ours_cases, trl_cases in TARGETS:
+        key = "rows_per_s" if ours_cases[0].startswith("dpo") else "tokens_per_s"
+        ours = [(by_name[c]["ours"][key], c) for c in ours_cases if c in by_name and by_name[c]["ours"][key]]
+        theirs = [(by_name[c]["trl"][key], c) for c in trl_cases if c in by_name and by_name[c]["trl"][key]]
+        if not ours or not theirs:
+            continue
+        (best_ours, ours_case), (best_trl, trl_case) = max(ours), max(theirs)
+        value = best_ours / best_trl
+        checks.append({"what": what, "target": target, "ratio": value, "met": value >= target,
+                       "ours_case": ours_case, "trl_case": trl_case})
+    memory_key = "cuda_peak_mib" if cuda else "peak_rss_mib"
+    for s in summaries:
+        value = s.get(f"{memory_key}_ratio")
+        if value is not None:
+            checks.append({"what": f"peak memory, {s['case']}", "target": 1.0, "ratio": value, "met": value <= 1.0,
+                           "ours_case": s["case"], "trl_case": s["case"]})
+    return checks
+
+
+def format_targets(checks: list[dict]) -> str:
+    lines = ["targets (issue 5; medians of this run):"]
+    for c in checks:
+        sign = "<=" if c["what"].startswith("peak memory") else ">="
+        picked = "" if c["ours_case"] == c["trl_case"] else f" (ours: {c['ours_case']}, TRL: {c['trl_case']})"
+        lines.append(f"  {'met ' if c['met'] else 'MISSED'} {c['what']}: {c['ratio']:.2f}x, target {sign} "
+                     f"{c['target']:g}x{picked}")
+    return "\n".join(lines)
+
+
 def format_legend(cases: list[Case]) -> str:
     lines = ["cases (ours | TRL):"]
     for case in cases:
