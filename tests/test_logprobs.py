@@ -255,3 +255,11 @@ def test_packed_rows_always_run_as_one_pass():
                             max_groups=4)
     hook.remove()
     assert widths == [torch.Size([2, 8])]
+
+
+def test_length_groups_below_one_is_a_config_error():
+    from zephyr_lit.errors import ConfigError
+    from zephyr_lit.modules.dpo import DPOModule, DPOSettings
+
+    with pytest.raises(ConfigError, match=r"module.length_groups=0: must be >= 1"):
+        DPOModule(model=None, optimizer=None, dpo=DPOSettings(), length_groups=0)

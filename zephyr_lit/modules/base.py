@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import PreTrainedTokenizerBase
 
+from zephyr_lit.errors import ConfigError
 from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.models import ModelSpec
@@ -38,6 +39,8 @@ class ChatModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.exact_match = exact_match or []
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
+        if length_groups < 1:
+            raise ConfigError(f"module.length_groups={length_groups}: must be >= 1 (1: one padded pass per batch)")
         self.length_groups = length_groups
         self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
 
