@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import zephyr_lit.config  # noqa: F401  (registers ${asset:...})
+from zephyr_lit.assets import asset_path
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -47,3 +48,11 @@ def make_cfg(tmp_path, hf_cache):
         return compose_config(base + (FAST if fast else []) + list(overrides))
 
     return make
+
+
+def odd_exact_match(tmp_path: Path, rows: int = 5) -> list[str]:
+    """The first ``rows`` checkable prompts (an odd number: 3 and 2 on two ranks), 2 per ``generate``."""
+    source = Path(asset_path("data/ultrachat_tiny/exact_match.jsonl")).read_text().splitlines()[:rows]
+    path = tmp_path / "exact_match.jsonl"
+    path.write_text("\n".join(source) + "\n")
+    return [f"data.exact_match_path={path}", "module.exact_match_batch_size=2", "module.exact_match_max_new_tokens=8"]

@@ -106,6 +106,8 @@ def test_long_conversations_are_truncated_or_dropped_and_counted(tmp_path, make_
         ("data.max_length=8", r"data.max_length=8: must be >= 16"),
         ("model.attn_implementation=fast", r"model.attn_implementation=fast: must be one of eager, sdpa"),
         ("optim.scheduler=step", r"optim.scheduler=step: must be one of cosine, linear, constant"),
+        ("+trainer.limit_train_batches=0.5", r"trainer.limit_train_batches=0.5: must be 1.0: a cut epoch"),
+        ("module.exact_match_batch_size=0", r"module.exact_match_batch_size=0: must be >= 1"),
     ],
 )
 def test_invalid_config_values_fail_fast(override, message, make_cfg, no_model):

@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, odd_exact_match
+from tests.distributed.process import run_group
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.run import train
 
@@ -73,7 +74,7 @@ def torchrun(nproc: int, overrides: list[str], log: Path) -> None:
                f"trainer.devices={nproc}", "strategy=ddp", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     with open(log, "w") as handle:
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+        done = run_group(command, 300, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         pytest.fail(f"torchrun exited {done.returncode}:\n" + log.read_text()[-6000:])
 
@@ -159,6 +160,7 @@ def check_validation(one: dict, two: dict, names: list[str]) -> dict[str, dict[s
     (facts0, _), (facts1, _) = two["ranks"]
     (facts_one, _), = one["ranks"]
     assert (facts0["val_rows"], facts1["val_rows"]) == (17, 16) and facts_one["val_rows"] == VAL_ROWS
+    assert facts0["val_batches"] == facts1["val_batches"]  # rank 1's shard is padded: the same collectives
     if "val_index" in facts0:  # preference rows: disjoint shards covering the split
         assert sorted(facts0["val_index"] + facts1["val_index"]) == facts_one["val_index"]
     steps = [v["step"] for v in facts_one["validations"]]
@@ -173,6 +175,8 @@ def check_validation(one: dict, two: dict, names: list[str]) -> dict[str, dict[s
     last = facts0["validations"][-1]["metrics"]
     report = {}
     for name in names:
+        if name not in shares0:  # a sum of two means (DPO loss + RPO term): compared above
+            continue
         (s0, n0), (s1, n1) = shares0[name], shares1[name]
         global_mean, mean_of_means, rank0 = (s0 + s1) / (n0 + n1), (s0 / n0 + s1 / n1) / 2, s0 / n0
         assert last[name] == pytest.approx(global_mean, rel=METRIC_REL), name
@@ -206,11 +210,13 @@ def start_weights() -> dict[str, torch.Tensor]:
 
 # ---- SFT ----------------------------------------------------------------------------------------
 def test_sft_two_processes_match_one_with_the_same_global_batch(tmp_path, hf_cache):
-    """2 ranks x 4 rows vs 1 process x 8 rows, 2 epochs of 4 steps: same weights, losses, schedule."""
+    """2 ranks x 4 rows vs 1 process x 8 rows, 2 epochs of 4 steps: same weights, losses, schedule,
+    validation and exact match (5 prompts: 3 and 2 per rank)."""
     one, two = run_pair(
-        tmp_path, hf_cache, "sft", ["optim.lr=0.3", "trainer.max_epochs=2"],
+        tmp_path, hf_cache, "sft", ["optim.lr=0.3", "trainer.max_epochs=2", *odd_exact_match(tmp_path)],
         two=["data.batch_size=4"], one=["data.batch_size=8"],
     )
+    assert "val/exact_match" in two["summary"]["metrics"]
     weights = check_same_training(one, two, start_weights())
     assert one["summary"]["global_step"] == 8
     check_train_metrics(one, two)

@@ -12,6 +12,7 @@ import torch
 import zephyr_lit.modules.dpo as dpo_module
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.export import export_model
+from zephyr_lit.metric_sums import MetricSums
 from zephyr_lit.models import ModelSpec, build_model, load_tokenizer
 from zephyr_lit.reference import mixup_
 from zephyr_lit.run import prepare_run, train
@@ -156,10 +157,19 @@ def test_rpo_adds_alpha_times_the_chosen_token_mean_nll(make_cfg, start_model):
         run.module.log = lambda *args, **kwargs: None  # no trainer attached: skip logging
     batch = next(iter(plain.datamodule.val_dataloader()))
     size = batch["index"].numel()
+    chosen_tokens = int((batch["labels"][:size] != -100).sum())
+    losses, shares = {}, {}
     with torch.no_grad():
-        base = plain.module._step(batch, "val", "val")
-        with_rpo = rpo.module._step(batch, "val", "val")
+        for name, run in (("base", plain), ("rpo", rpo)):
+            sums = MetricSums()
+            run.module._step(batch, "val", sums)
+            means = {k: float(sums.totals[k] / sums.counts[k]) for k in sums.totals}
+            losses[name] = run.module.window_metrics(means, "val")["loss"]
+            # as a training micro-batch that is its own window: the share is the same loss
+            window = dict(batch, window_rows=torch.tensor(size), window_tokens=torch.tensor(chosen_tokens))
+            shares[name] = float(run.module._step(window, "val", MetricSums()))
         logits = rpo.module.policy(input_ids=batch["input_ids"][:size], attention_mask=batch["attention_mask"][:size]).logits
     # mean NLL over the chosen completions' tokens, straight from cross-entropy with shifted labels
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:size, 1:].reshape(-1))
-    torch.testing.assert_close(with_rpo - base, 0.5 * nll, atol=1e-5, rtol=1e-5)
+    nll = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:size, 1:].reshape(-1)))
+    assert losses["rpo"] - losses["base"] == pytest.approx(0.5 * nll, abs=1e-5, rel=1e-5)
+    assert shares == pytest.approx(losses, abs=1e-6, rel=1e-6)

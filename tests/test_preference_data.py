@@ -82,7 +82,8 @@ def test_collated_batch_by_hand():
         {"prompt_input_ids": [1, 12], "chosen_input_ids": [21, 2], "rejected_input_ids": [2], "index": 0},
     ]
     batch = collate_pairs(rows, pad_id=2, pad_to_multiple_of=8)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "index", "num_tokens"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "index", "counted", "num_tokens", "num_rows"}
+    assert batch["counted"].tolist() == [True, True] and batch["num_rows"].item() == 4  # 2 pairs, 4 rows
     assert batch["input_ids"].tolist() == [
         [1, 10, 11, 20, 2, 2, 2, 2],     # pair 0, chosen
         [1, 12, 21, 2, 2, 2, 2, 2],      # pair 1, chosen

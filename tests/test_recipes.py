@@ -45,4 +45,8 @@ def test_dsft_then_ddpo_recipes(tmp_path, hf_cache):
     assert ddpo["metrics"]["val/rewards/accuracies"] >= 0.9
     assert ddpo["metrics"]["val/rewards/margins"] > 0
     assert ddpo["initial_metrics"]["val/exact_match"] == summary["metrics"]["val/exact_match"]
-    assert ddpo["metrics"]["val/exact_match"] >= summary["metrics"]["val/exact_match"]  # alignment costs no skill
+    # Alignment costs no skill: no fewer exact answers, up to one of the 55 greedy answers, which float
+    # rounding flips from one CPU to another (the same commit ends at 0.764 -> 0.782 on one machine,
+    # 0.818 -> 0.800 on another).
+    one_answer = 1 / 55
+    assert ddpo["metrics"]["val/exact_match"] >= summary["metrics"]["val/exact_match"] - one_answer - 1e-6

@@ -21,7 +21,8 @@ from tests.conftest import compose_config
 
 
 def batches(sampler):
-    return [list(b) for b in sampler]
+    """``[(index, window_tokens), ...]`` per micro-batch (``window_rows`` is checked on its own)."""
+    return [[(i, tokens) for i, tokens, _ in b] for b in sampler]
 
 
 def test_two_ranks_two_accumulation_steps_share_the_window_count():
@@ -41,24 +42,35 @@ def test_last_window_may_be_short_and_incomplete_micro_steps_are_dropped():
     assert batches(sampler) == [[(0, 8), (1, 8)], [(4, 8), (5, 8)], [(8, 100), (9, 100)]]
 
 
+def test_every_micro_batch_carries_its_windows_row_count_short_last_window_included():
+    # 5 global micro-steps of 2 x 2 ranks, accumulate 2: windows of 2, 2 and 1 micro-steps = 8, 8, 4 rows
+    counts = list(range(20))
+    sampler = WindowBatchSampler(counts, batch_size=2, accumulate=2, world_size=2, rank=1, shuffle=False)
+    keys = list(sampler)
+    assert [[i for i, *_ in batch] for batch in keys] == [[2, 3], [6, 7], [10, 11], [14, 15], [18, 19]]
+    assert [{rows for *_, rows in batch} for batch in keys] == [{8}, {8}, {8}, {8}, {4}]
+    # the short window's tokens are its own rows' counts: 16 + 17 + 18 + 19
+    assert {tokens for _, tokens, _ in keys[-1]} == {16 + 17 + 18 + 19}
+
+
 def test_shuffle_is_seeded_and_changes_with_the_epoch_the_same_on_every_rank():
     counts = list(range(1, 33))
     a = WindowBatchSampler(counts, batch_size=4, world_size=2, rank=0, seed=7)
     b = WindowBatchSampler(counts, batch_size=4, world_size=2, rank=1, seed=7)
     first_a, first_b = batches(a), batches(b)
-    seen = {i for batch in first_a + first_b for i, _ in batch}
+    seen = {i for batch in first_a + first_b for i, *_ in batch}
     assert seen == set(range(32))  # the two ranks split one permutation, no overlap
     assert batches(WindowBatchSampler(counts, batch_size=4, world_size=2, rank=0, seed=7)) == first_a
     a.set_epoch(1)
     assert batches(a) != first_a
     for batch in first_a:  # accumulate=1: the window is one global micro-step (both ranks' rows)
         (tokens,) = {t for _, t in batch}
-        assert tokens > sum(i + 1 for i, _ in batch)
+        assert tokens > sum(i + 1 for i, *_ in batch)
 
 
 # ---- length grouping -------------------------------------------------------------------------
 def indices(sampler):
-    return [[i for i, _ in batch] for batch in sampler]
+    return [[i for i, *_ in batch] for batch in sampler]
 
 
 def padded_tokens(batches_, lengths, batch_size):
@@ -131,10 +143,10 @@ def test_two_ranks_take_disjoint_slices_of_the_same_grouped_micro_steps():
     assert torch.equal(steps, ranks[1].global_steps())  # the same order on every rank
     got = [list(sampler) for sampler in ranks]
     for s, (batch0, batch1) in enumerate(zip(*got)):
-        rows0, rows1 = [i for i, _ in batch0], [i for i, _ in batch1]
+        rows0, rows1 = [i for i, *_ in batch0], [i for i, *_ in batch1]
         assert rows0 == steps[s, 0].tolist() and rows1 == steps[s, 1].tolist() and not set(rows0) & set(rows1)
         assert min(lengths[i] for i in rows0) >= max(lengths[i] for i in rows1)  # rank 0 holds the longer half
-        assert {t for _, t in batch0} == {t for _, t in batch1}  # one window count on both ranks
+        assert {t for _, t, _ in batch0} == {t for _, t, _ in batch1}  # one window count on both ranks
 
 
 def test_grouped_window_token_counts_by_hand():
@@ -205,7 +217,7 @@ def test_grouped_data_module_starts_with_the_epochs_longest_rows(overrides, hf_c
     loader = datamodule.train_dataloader()
     steps = loader.batch_sampler.global_steps().flatten(1).tolist()
     kept = sorted(lengths[i] for step in steps for i in step)
-    first = [i for i, _ in next(iter(loader.batch_sampler))]
+    first = [i for i, *_ in next(iter(loader.batch_sampler))]
     assert sorted(lengths[i] for i in first) == kept[-datamodule.batch_size:]  # the epoch's longest rows
     batch = next(iter(loader))
     assert batch["input_ids"].shape[1] == padded_length(max(lengths), datamodule.pad_to_multiple_of)

@@ -17,24 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import odd_exact_match
+from tests.zero3.launch import run_zero3
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY_DPO = ["+experiment=ddpo", "model.name_or_path=${asset:tiny-mistral}", "model.random_init=true",
             "data.batch_size=4", "data.max_train_samples=64", "data.max_eval_samples=16"]
-
-
-def run_zero3(tmp_path: Path, name: str, *overrides: str, devices: int = 2) -> list[dict]:
-    out = tmp_path / name
-    cmd = [
-        sys.executable, "tests/zero3/run_zero3.py", str(out / "probe"),
-        f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", f"trainer.devices={devices}",
-        "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "data.exact_match_path=null", "optim.scheduler=constant", "optim.warmup_ratio=0",
-        "strategy.config.zero_optimization.stage3_param_persistence_threshold=0", *overrides,
-    ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
-    return [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in range(devices)]
 
 
 def model_states_bytes(run: Path) -> int:
@@ -131,3 +120,31 @@ def test_dpo_from_a_saved_model_loads_into_the_shards(tmp_path):
         assert rank["policy/partitioned"] and rank["reference/partitioned"]
         assert rank["policy/start"] == rank["reference/start"] == expected
         assert rank["reference/end"] == expected and rank["policy/end"] != expected
+
+
+def test_unequal_validation_shards_and_exact_match_finish_and_equal_one_process(tmp_path):
+    """7 validation pairs, one per batch, on 2 ranks: 4 and 3 real pairs, so rank 1 runs one batch of
+    padding only; 5 exact-match prompts, 2 per ``generate``: 3 and 2 per rank (2 and 1 calls unpadded).
+    Under ZeRO-3 every forward and every generated token gathers the shards on all ranks: with
+    unequal loops rank 0 waited for ever in the first validation. Both runs start from the same saved
+    weights; the 2-rank run's validation (before and after 2 steps) and exact match equal 1 process's."""
+    from zephyr_lit.assets import asset_path
+    from zephyr_lit.export import export_model
+    from zephyr_lit.models import ModelSpec, build_model, load_tokenizer
+
+    spec = ModelSpec(asset_path("tiny-mistral"), random_init=True, init_seed=3)
+    saved = export_model(build_model(spec), load_tokenizer(spec), tmp_path / "start-model")
+    common = ["+experiment=ddpo", f"model.name_or_path={saved}", "model.random_init=false", "trainer.max_steps=2",
+              "data.max_train_samples=16", "data.max_eval_samples=7", "data.eval_batch_size=1", *odd_exact_match(tmp_path)]
+    summaries = {}
+    for name, devices, batch in (("two", 2, 4), ("one", 1, 8)):
+        run_zero3(tmp_path, name, *common, f"data.batch_size={batch}", f"paths.output_dir={tmp_path / name}",
+                  devices=devices, timeout=300)
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    for key in ("initial_metrics", "metrics"):
+        two, one = summaries["two"][key], summaries["one"][key]
+        assert {"val/loss", "val/rewards/margins", "val/logps/chosen", "val/exact_match"} <= set(one)
+        # rewards are beta x differences of log-probs of ~150 nats: float rounding of those (~1e-7
+        # relative, the summation order differs after 2 steps on 2 ranks) is ~2e-6 of a reward
+        assert two == pytest.approx(one, rel=1e-5, abs=2e-6), key
+    assert summaries["one"]["metrics"]["val/logps/chosen"] != summaries["one"]["initial_metrics"]["val/logps/chosen"]

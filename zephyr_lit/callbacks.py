@@ -62,7 +62,7 @@ class Throughput(L.Callback):
         self._batches += 1
         if self._batches > self.warmup and self._started is not None:
             self._time += time.perf_counter() - self._started
-            self._rows += int(batch["input_ids"].shape[0])
+            self._rows += int(batch["num_rows"]) if "num_rows" in batch else int(batch["input_ids"].shape[0])
             self._tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["input_ids"].numel())
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -55,6 +55,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
     )
     need(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     need(
+        OmegaConf.select(cfg, "trainer.limit_train_batches") in (None, 1, 1.0),
+        "trainer.limit_train_batches",
+        "must be 1.0: a cut epoch ends inside a window whose token count the sampler already fixed "
+        "(use data.max_train_samples to train on fewer rows)",
+    )
+    need(
         cfg.trainer.max_steps > 0 or (cfg.trainer.max_epochs or 0) > 0,
         "trainer.max_epochs",
         "set trainer.max_epochs > 0 or trainer.max_steps > 0 (training would never end)",

@@ -149,6 +149,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         "output_dir": str(output_dir),
         "export_dir": str(export_dir),
         "global_step": trainer.global_step,
+        "planned_steps": int(trainer.estimated_stepping_batches),  # what the LR schedule was built for
         "metrics": final_metrics(trainer),
         "initial_metrics": initial_metrics(trainer),
         "overrides": list(overrides or []),

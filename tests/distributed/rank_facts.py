@@ -10,11 +10,10 @@ Added to a run from the command line, so the real launch path is what gets teste
 (``tests`` imports as a namespace package from the repository root, which is ``train.py``'s folder.)
 
 Facts per rank: world size and rank, the weights hash of the trained model at the start and end of
-fit and of the frozen reference (DPO), the rows of this rank's validation shard, every validation's
-synced metrics (``trainer.callback_metrics``) and this rank's own, not yet reduced, share of each
-mean-reduced validation metric (weighted sum and count, read from Lightning's result collection, or
-SFTModule's summed NLL and token count, just before they are synced), so a test can tell a global
-mean from a mean of per-rank means.
+fit and of the frozen reference (DPO), the real rows of this rank's validation shard and its number of
+batches (padding included), every validation's synced metrics (``trainer.callback_metrics``) and
+this rank's own, not yet reduced, share of each validation mean (the module's ``val_sums``: total and
+count, just before the ranks are reduced), so a test can tell a global mean from a mean of per-rank means.
 """
 
 from __future__ import annotations
@@ -37,20 +36,13 @@ def weights_hash(model: torch.nn.Module | None) -> str | None:
     return digest.hexdigest()
 
 
-def _rank_shares(trainer: L.Trainer) -> dict[str, list[float]]:
-    """``{metric: [sum of value x batch size, rows of this rank's shard]}``, unsynced, for the metrics
-    logged per row with ``batch_size`` = rows (best effort: this reads a private Lightning structure
-    and returns ``{}`` if its shape ever changes). Lightning's own summed batch size is no use here:
-    by this hook it has already been averaged over the ranks, in place."""
-    shares = {}
-    try:
-        rows = len(trainer.val_dataloaders.dataset)
-        for result in trainer._results.values():
-            name = getattr(result.meta, "name", "")
-            if name.startswith("val/") and result.meta.is_mean_reduction and result.is_tensor:
-                shares[name] = [float(result.value), float(rows)]
-    except Exception:  # noqa: BLE001  (a diagnostic only)
-        return {}
+def _rank_shares(pl_module: L.LightningModule) -> dict[str, list[float]]:
+    """``{val/metric: [this rank's total, its count]}`` before the ranks are reduced (the module's
+    ``val_sums``). DPO's ``val/loss`` is the mean DPO loss when there is no RPO term."""
+    sums = pl_module.val_sums
+    shares = {f"val/{name}": [float(sums.totals[name]), float(sums.counts[name])] for name in sums.totals}
+    if "val/dpo_loss" in shares and "val/nll_loss" not in shares:
+        shares["val/loss"] = shares["val/dpo_loss"]
     return shares
 
 
@@ -73,19 +65,16 @@ class RankFacts(L.Callback):
             start_hash=weights_hash(self._trained(pl_module)),
             reference_start_hash=weights_hash(getattr(pl_module, "reference", None)),
         )
-        shard = trainer.val_dataloaders.dataset
-        self.facts["val_rows"] = len(shard)
-        if "index" in shard.column_names:
-            self.facts["val_index"] = [int(i) for i in shard["index"]]
+        shard = trainer.val_dataloaders.dataset  # data/base.py EqualShard
+        self.facts["val_rows"] = len(shard.real_indices)
+        self.facts["val_batches"] = len(trainer.val_dataloaders)
+        if "index" in shard.dataset.column_names:
+            self.facts["val_index"] = [int(shard.dataset[i]["index"]) for i in shard.real_indices]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Callbacks run this hook before the module's: the sums are still this rank's own here.
         if not trainer.sanity_checking:
-            if hasattr(pl_module, "_val_nll"):  # SFTModule sums token NLL and tokens itself
-                shares = {"val/loss": [float(pl_module._val_nll), float(pl_module._val_tokens)]}
-            else:
-                shares = _rank_shares(trainer)
-            self.facts["val_shares"].append(shares)
+            self.facts["val_shares"].append(_rank_shares(pl_module))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

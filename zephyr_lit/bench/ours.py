@@ -22,6 +22,7 @@ from zephyr_lit.bench.workload import (
     plan_steps,
     sequential_batches,
     window_label_tokens,
+    window_rows,
 )
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -83,7 +84,7 @@ def grouped_batches(w: Workload, rows: list[dict], epoch: int) -> list[list[int]
     sampler = WindowBatchSampler([0] * len(rows), w.pair_batch, accumulate=1, shuffle=True, seed=w.seed,
                                  lengths=[pair_length(r) for r in rows])
     sampler.set_epoch(epoch)
-    return [[index for index, _ in batch] for batch in sampler]
+    return [[index for index, *_ in batch] for batch in sampler]
 
 
 def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: int, pad_to_multiple_of):
@@ -94,14 +95,19 @@ def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: 
     if kind == "dpo":
         from zephyr_lit.data.preference import collate_pairs
 
-        def collate(indices):
-            return collate_pairs([rows[i] for i in indices], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+        def collate(sample):
+            indices, window = sample if isinstance(sample, tuple) else (sample, {})
+            return collate_pairs([dict(rows[i], **window) for i in indices], pad_id=pad_id,
+                                 pad_to_multiple_of=pad_to_multiple_of)
 
         if options.get("order") == "grouped":
             plan = plan_steps(lambda epoch: grouped_batches(w, rows, epoch), w.steps, w.accumulate)
         else:
             plan = plan_steps(lambda epoch: sequential_batches(len(rows), w.pair_batch), w.steps, w.accumulate)
-        train = _loader(plan, collate)
+        chosen = [len(r["chosen_input_ids"]) for r in rows]  # the window's count for the RPO token mean
+        windows = [{"window_tokens": t, "window_rows": n}
+                   for t, n in zip(window_label_tokens(plan, chosen, w.accumulate), window_rows(plan, w.accumulate))]
+        train = _loader(list(zip(plan, windows)), collate)
         used = sorted({i for batch in plan for i in batch})  # the reference precompute covers these rows only
         every = [used[start : start + w.pair_batch] for start in range(0, len(used), w.pair_batch)]
         precompute = {"train": _loader(every, collate), "val": _loader(every[:1], collate)}
@@ -116,12 +122,13 @@ def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: 
             sequences = [dict(zip(packed, values)) for values in zip(*packed.values())]
         counts = [label_count(r["labels"]) for r in sequences]
         plan = plan_steps(lambda epoch: sequential_batches(len(sequences), w.sft_batch), w.steps, w.accumulate)
-        windows = window_label_tokens(plan, counts, w.accumulate)
+        windows = list(zip(window_label_tokens(plan, counts, w.accumulate), window_rows(plan, w.accumulate)))
 
         def collate(sample):
-            indices, window_tokens = sample
-            batch_rows = [dict(sequences[i], window_tokens=window_tokens) for i in indices]
-            batch = pad_batch(batch_rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+            indices, (window_tokens, rows_in_window) = sample
+            batch_rows = [dict(sequences[i], window_tokens=window_tokens, window_rows=rows_in_window) for i in indices]
+            batch = pad_batch(batch_rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of,
+                              attn_implementation=w.attn)
             # sequences in the batch (a packed row holds several); read by the bench only
             batch["bench_sequences"] = sum(r["position_ids"].count(0) if "position_ids" in r else 1 for r in batch_rows)
             return batch

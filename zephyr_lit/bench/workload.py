@@ -181,6 +181,15 @@ def window_label_tokens(batches: list[list[int]], counts: list[int], accumulate:
     return out
 
 
+def window_rows(batches: list[list[int]], accumulate: int) -> list[int]:
+    """For each micro-batch, the rows of its accumulation window (what DPO's pair mean divides by)."""
+    out = []
+    for start in range(0, len(batches), accumulate):
+        window = batches[start : start + accumulate]
+        out += [sum(len(batch) for batch in window)] * len(window)
+    return out
+
+
 # ---- the model folder ------------------------------------------------------------------------
 def mistral_config(w: Workload) -> dict:
     """A Mistral ``config.json`` for the workload's shape (ids as the embedded tokenizer has them)."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import datasets
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.data.exact_match import load_exact_match
@@ -151,14 +151,43 @@ class ShardedDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        """This rank's contiguous block of the validation rows, padded to the same length on every rank
+        (so every rank runs the same number of batches and collectives); padding counts in no metric."""
         world_size, rank, _ = self.world()
-        shard = self.val_set.shard(world_size, rank, contiguous=True) if world_size > 1 else self.val_set
-        return self.sequential_loader(shard)
+        return self.sequential_loader(EqualShard(self.val_set.with_format(None), world_size, rank, self.uncounted))
 
-    def sequential_loader(self, dataset: datasets.Dataset) -> DataLoader:
+    @staticmethod
+    def uncounted(row: dict) -> dict:
+        """A padding copy of ``row`` that counts in no metric: ``counted=False`` (subclasses also blank
+        what the metrics read)."""
+        return dict(row, counted=False)
+
+    def sequential_loader(self, dataset) -> DataLoader:
         return DataLoader(
-            dataset.with_format(None),
+            dataset,
             batch_size=self.eval_batch_size or self.batch_size,
             collate_fn=self.collate(),
             num_workers=self.num_workers,
         )
+
+
+class EqualShard(Dataset):
+    """Rank ``rank``'s contiguous block of ``ceil(n / world_size)`` rows of ``dataset``: real rows first
+    (``real_indices``), then, where the block runs past the end, ``pad(row)`` copies of rows from the
+    start. Every rank's shard has the same length."""
+
+    def __init__(self, dataset, world_size: int, rank: int, pad: Callable[[dict], dict]) -> None:
+        self.dataset, self.pad = dataset, pad
+        n = len(dataset)
+        per_rank = -(-n // world_size)
+        self.positions = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.real_indices = [i for i in self.positions if i < n]
+        self.size = n
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        position = self.positions[i]
+        row = dict(self.dataset[position % self.size])
+        return row if position < self.size else self.pad(row)

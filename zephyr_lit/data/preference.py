@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.chat import render
-from zephyr_lit.data.base import ShardedDataModule
-from zephyr_lit.data.collate import pad_batch
+from zephyr_lit.data.base import EqualShard, ShardedDataModule
+from zephyr_lit.data.collate import WINDOW_KEYS, pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX
@@ -186,8 +186,9 @@ def _finish_rows(batch: dict, indices: list[int]) -> dict:
 # ---- collation -------------------------------------------------------------------------------
 def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
     """``B`` pairs -> ``input_ids``, ``attention_mask``, ``labels`` ``(2B, T)`` (chosen rows first),
-    ``index`` ``(B,)`` and ``num_tokens`` (real, non-pad tokens). ``T`` is a multiple of
-    ``pad_to_multiple_of``; labels are -100 on the prompt and the padding."""
+    ``index`` and ``counted`` ``(B,)`` (False: a padding pair of an equal validation shard, counted
+    in no metric), ``num_tokens`` (real, non-pad tokens) and the window counts of training rows.
+    ``T`` is a multiple of ``pad_to_multiple_of``; labels are -100 on the prompt and the padding."""
     sequences = [
         {"input_ids": row["prompt_input_ids"] + row[f"{side}_input_ids"],
          "labels": [IGNORE_INDEX] * len(row["prompt_input_ids"]) + row[f"{side}_input_ids"]}
@@ -195,6 +196,10 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int | None 
     ]
     batch = pad_batch(sequences, pad_id, pad_to_multiple_of)
     batch["index"] = torch.tensor([row["index"] for row in rows], dtype=torch.long)
+    batch["counted"] = torch.tensor([row.get("counted", True) for row in rows])  # (B,): False = padding pair
+    for key in WINDOW_KEYS:
+        if key in rows[0]:
+            batch[key] = torch.tensor(rows[0][key], dtype=torch.long)
     return batch
 
 
@@ -282,7 +287,8 @@ class PreferenceDataModule(ShardedDataModule):
         return functools.partial(collate_pairs, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def train_counts(self) -> list[int]:
-        return [1] * len(self.train_set)  # one per pair: the window count (unused by DPO) is pairs
+        """Chosen completion tokens per pair: the window's count normalises the RPO term (a token mean)."""
+        return self.train_set["chosen_length"]
 
     def train_lengths(self) -> list[int]:
         """``prompt_length + max(chosen_length, rejected_length)`` per pair: the batch's chosen and
@@ -300,9 +306,5 @@ class PreferenceDataModule(ShardedDataModule):
                 "test": self.val_set, self.test_split: self.val_set}
         if split not in sets:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(sets)}")
-        dataset = sets[split]
         world_size, rank, _ = self.world()
-        if world_size > 1:
-            per_rank = -(-len(dataset) // world_size)
-            dataset = dataset.select([i % len(dataset) for i in range(rank * per_rank, (rank + 1) * per_rank)])
-        return self.sequential_loader(dataset)
+        return self.sequential_loader(EqualShard(sets[split].with_format(None), world_size, rank, pad=dict))

@@ -15,11 +15,14 @@ from torch.utils.data import Dataset
 
 
 class WindowBatchSampler:
-    """Yield this rank's micro-batches as lists of ``(index, window_label_tokens)``.
+    """Yield this rank's micro-batches as lists of ``(index, window_tokens, window_rows)``: the sum of
+    ``label_counts`` over the micro-batch's whole window (all its micro-batches, all ranks) and the
+    number of rows in that window.
 
     One global micro-step takes ``batch_size * world_size`` examples of a seeded permutation
     (reshuffled per epoch via ``set_epoch``); rank ``r`` takes the ``r``-th slice of each; a window is
-    ``accumulate`` consecutive global micro-steps (the last window of an epoch may be shorter).
+    ``accumulate`` consecutive global micro-steps counted from the start of the epoch, and the last
+    window of an epoch may be shorter (it still trains: see ``zephyr_lit/windows.py``).
     A trailing global micro-step with fewer than ``world_size`` full slices is dropped so that every
     rank runs the same number of steps.
 
@@ -86,17 +89,18 @@ class WindowBatchSampler:
         longest = self.lengths[steps[:, 0]].argmax()  # a step's first row is its longest; first such step
         return steps[torch.cat([longest.view(1), rest[rest != longest]])].flatten()
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         steps = self.global_steps()  # (S, W, B)
         for start in range(0, len(self), self.accumulate):
-            window = steps[start : start + self.accumulate]  # (A, W, B)
-            tokens = int(self.label_counts[window.flatten()].sum())
+            window = steps[start : start + self.accumulate]  # (k, W, B), k = accumulate except at the epoch's end
+            tokens, rows = int(self.label_counts[window.flatten()].sum()), window.numel()
             for micro_step in window:
-                yield [(int(i), tokens) for i in micro_step[self.rank]]
+                yield [(int(i), tokens, rows) for i in micro_step[self.rank]]
 
 
 class WindowedDataset(Dataset):
-    """Wrap a map-style dataset so that ``(index, window_tokens)`` keys add ``window_tokens`` to the row."""
+    """Wrap a map-style dataset so that ``(index, window_tokens, window_rows)`` keys add
+    ``window_tokens`` and ``window_rows`` to the row (a plain ``index`` returns the row alone)."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -104,9 +108,8 @@ class WindowedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict:
-        index, tokens = key if isinstance(key, tuple) else (key, None)
-        row = dict(self.dataset[index])
-        if tokens is not None:
-            row["window_tokens"] = tokens
-        return row
+    def __getitem__(self, key: tuple[int, int, int] | int) -> dict:
+        if not isinstance(key, tuple):
+            return dict(self.dataset[key])
+        index, tokens, rows = key
+        return dict(self.dataset[index], window_tokens=tokens, window_rows=rows)

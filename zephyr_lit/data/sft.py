@@ -71,6 +71,7 @@ class SFTDataModule(ShardedDataModule):
     assistant_only_loss: bool = True
     packing: bool = False
     pad_to_multiple_of: int | None = 8
+    attn_implementation: str = "sdpa"  # the model's: packed rows are laid out for it (see data/collate.py)
     num_proc: int | None = None
     num_workers: int = 0
     cache_dir: str | None = None
@@ -132,7 +133,15 @@ class SFTDataModule(ShardedDataModule):
     unit = "sequences"
 
     def collate(self):
-        return functools.partial(pad_batch, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+        return functools.partial(
+            pad_batch, pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+            attn_implementation=self.attn_implementation,
+        )
+
+    @staticmethod
+    def uncounted(row: dict) -> dict:
+        """A validation padding row: the same tokens, no label (it adds nothing to the loss or its count)."""
+        return dict(row, labels=[IGNORE_INDEX] * len(row["labels"]), counted=False)
 
     def train_counts(self) -> list[int]:
         return self.train_set["num_labels"]  # the window's label tokens normalise the loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -12,9 +13,13 @@ from transformers import PreTrainedTokenizerBase
 from zephyr_lit.errors import ConfigError
 from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import CompletionScores, model_completion_scores
+from zephyr_lit.metric_sums import MetricSums
 from zephyr_lit.models import ModelSpec
 from zephyr_lit.schedule import build_scheduler
+from zephyr_lit.windows import align_windows, mark_boundary, window_ends
 from zephyr_lit.zero3 import hf_deepspeed_config, zero3_config
+
+PROGRESS_BAR = ("loss", "rewards/accuracies")
 
 
 class ChatModule(L.LightningModule):
@@ -30,6 +35,7 @@ class ChatModule(L.LightningModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
         exact_match: list[dict] | None = None,
         exact_match_max_new_tokens: int = 32,
+        exact_match_batch_size: int = 32,
         length_groups: int = 1,
     ) -> None:
         super().__init__()
@@ -39,10 +45,16 @@ class ChatModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.exact_match = exact_match or []
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
+        if exact_match_batch_size < 1:
+            raise ConfigError(f"module.exact_match_batch_size={exact_match_batch_size}: must be >= 1")
+        self.exact_match_batch_size = exact_match_batch_size
         if length_groups < 1:
             raise ConfigError(f"module.length_groups={length_groups}: must be >= 1 (1: one padded pass per batch)")
         self.length_groups = length_groups
         self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
+        self.train_sums = MetricSums()  # this accumulation window's, logged once when it ends
+        self.val_sums = MetricSums()  # this validation epoch's
+        self._window_started = time.perf_counter()
 
     def hold_zero3_loading_config(self) -> None:
         """Call at the top of ``configure_model``: under ZeRO-3, keep an ``HfDeepSpeedConfig`` alive so
@@ -64,20 +76,69 @@ class ChatModule(L.LightningModule):
             groups = 1
         return model_completion_scores(model, batch, max_groups=groups)
 
-    def for_backward(self, loss):
-        """The loss to return from ``training_step``. Lightning divides it by ``accumulate_grad_batches``;
-        where the strategy accumulates itself (DeepSpeed), the engine divides it once more: undo that."""
-        if self.trainer.strategy.handles_gradient_accumulation:
-            return loss * self.trainer.accumulate_grad_batches
-        return loss
+    # ---- accumulation windows (see zephyr_lit/windows.py) ------------------------------------
+    def setup(self, stage: str) -> None:
+        align_windows(self.trainer)
+
+    def on_train_start(self) -> None:
+        self._window_started = time.perf_counter()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        mark_boundary(self.trainer)
+
+    def for_backward(self, window_share: torch.Tensor) -> torch.Tensor:
+        """The loss to return from ``training_step``, given this micro-batch's share of its window's loss
+        (its rows' summed loss over the whole window's count, all ranks): Lightning divides the returned
+        loss by ``accumulate_grad_batches``, DDP and DeepSpeed average gradients over the ranks, and
+        DeepSpeed divides by ``accumulate_grad_batches`` once more. The gradient summed over the window
+        is then that of the window's loss, also for an epoch's shorter last window."""
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size
+        if trainer.strategy.handles_gradient_accumulation:
+            scale *= trainer.accumulate_grad_batches
+        return window_share * scale
+
+    def window_metrics(self, means: dict[str, float], stage: str) -> dict[str, float]:
+        """The ``train/`` or ``val/`` (``stage``) metrics from the reduced means (subclasses combine terms)."""
+        return means
+
+    def log_window(self, batch: dict[str, torch.Tensor]) -> None:
+        """Call at the end of ``training_step``: counts this micro-batch's real tokens and, when it ends
+        its window, logs ``train/*`` once for the whole window (all micro-batches, all ranks),
+        ``train/tokens_per_s`` (all ranks' real tokens over the window's wall time) and ``train/lr``."""
+        self.train_sums.add("tokens", batch["num_tokens"], 0)
+        if not window_ends(self.trainer):
+            return
+        reduced = self.train_sums.reduce(self.trainer.strategy, self.device)
+        tokens, _ = reduced.pop("tokens")
+        means = {name: total / count if count else 0.0 for name, (total, count) in reduced.items()}
+        now = time.perf_counter()
+        metrics = self.window_metrics(means, "train") | {"tokens_per_s": tokens / max(now - self._window_started, 1e-9)}
+        self._window_started = now
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, prog_bar=name in PROGRESS_BAR)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ---- validation ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums = MetricSums()
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/*``: the means over every counted row of the whole validation set, then exact match."""
+        metrics = self.window_metrics(self.val_sums.means(self.trainer.strategy, self.device), "val")
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in PROGRESS_BAR)
+        self.log_exact_match()
+        self._window_started = time.perf_counter()  # the window's throughput leaves validation out
 
     def log_exact_match(self) -> None:
         """``val/exact_match``: greedy replies to the held-out checkable prompts, compared exactly."""
         if self.exact_match and self.tokenizer is not None:
             rate = exact_match_rate(
-                self.trainer, self.trained_model, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens
+                self.trainer, self.trained_model, self.tokenizer, self.exact_match, self.exact_match_max_new_tokens,
+                self.exact_match_batch_size,
             )
-            self.log("val/exact_match", rate, sync_dist=True)
+            self.log("val/exact_match", rate)
 
     def configure_optimizers(self):
         """The configured optimizer over the trained model's parameters; warmup + decay per step."""

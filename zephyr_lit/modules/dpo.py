@@ -1,8 +1,11 @@
 """DPOModule: the trainable policy and its frozen reference, kept in sync.
 
 One step, as data: ``(2B, T)`` batch (chosen rows, then rejected rows) -> policy hidden states (one
-pass; padded rows in a few passes of similar length, ``module.length_groups``) -> LM head at the completion positions only -> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one no-grad pass, or the cache)
--> ``dpo_loss`` -> loss and detached rewards -> ``train/...`` and ``val/...`` metrics.
+pass; padded rows in a few passes of similar length, ``module.length_groups``) -> LM head at the
+completion positions only -> per-sequence log-probs ``(2B,)`` in fp32 -> reference log-probs (one
+no-grad pass, or the cache) -> ``dpo_loss`` -> this micro-batch's share of its window's loss, and
+detached per-pair metrics summed into the window (``train/...``, logged once per optimizer step) or
+the validation epoch (``val/...``).
 
 The reference is built from the same weights as the policy (same spec, same code path, so the
 same dtype, device and sharding), never trained (``requires_grad=False``, not in the optimizer), and
@@ -102,7 +105,9 @@ class DPOModule(ChatModule):
             return torch.cat([chosen[index], rejected[index]]).to(self.device)
         return self.scores(self.reference, batch).logps(self.dpo.average)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str, split: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], split: str, sums) -> torch.Tensor:
+        """One forward of policy and reference; adds the pair metrics of the counted pairs to ``sums``
+        and returns this micro-batch's share of its window's loss (training batches only)."""
         size = batch["index"].numel()  # B pairs; the batch holds 2B rows
         scores = self.scores(self.policy, batch)
         policy = scores.logps(self.dpo.average)  # (2B,)
@@ -111,41 +116,49 @@ class DPOModule(ChatModule):
             self.dpo.loss_type, policy[:size], policy[size:], reference[:size], reference[size:],
             beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
         )
-        loss = out.losses.mean()
-        chosen, rejected = slice(0, size), slice(size, 2 * size)
-        metrics = {}
-        if self.dpo.rpo_alpha:
-            chosen_nll = scores.mean_nll(chosen)
-            loss = loss + self.dpo.rpo_alpha * chosen_nll
-            metrics["nll_loss"] = chosen_nll.detach()
-        metrics |= {
-            "loss": loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "logps/chosen": policy[:size].detach().mean(),
-            "logps/rejected": policy[size:].detach().mean(),
-            "logits/chosen": scores.logit_mean(chosen),
-            "logits/rejected": scores.logit_mean(rejected),
+        mask = batch["counted"].bool() if "counted" in batch else torch.ones_like(out.losses, dtype=torch.bool)  # (B,)
+        counted, pairs = mask.to(policy.dtype), mask.sum()
+        per_pair = {
+            "dpo_loss": out.losses,
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).to(policy.dtype),
+            "logps/chosen": policy[:size],
+            "logps/rejected": policy[size:],
         }
-        on_step = stage == "train"
-        # The epoch means (val) are sum(value x batch_size) / sum(batch_size) over all ranks: Lightning
-        # syncs both with a mean, and an integer count would be floor-divided by the world size
-        # (33 pairs on 2 ranks: /16 instead of /16.5), so the count is a float.
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=True,
-                     batch_size=float(size), prog_bar=name in ("loss", "rewards/accuracies"))
-        return loss
+        for name, value in per_pair.items():
+            sums.add(name, value.detach().masked_fill(~mask, 0.0).sum(), pairs)
+        rows = torch.cat([counted, counted])  # (2B,)
+        tokens = scores.token_count * rows  # (2B,)
+        for side, part in (("chosen", slice(0, size)), ("rejected", slice(size, 2 * size))):
+            sums.add(f"logits/{side}", (scores.logit_sum[part] * rows[part]).sum(), tokens[part].sum() * scores.vocab_size)
+        chosen_nll = -(scores.logp_sum[:size] * counted).sum()
+        if self.dpo.rpo_alpha:
+            sums.add("nll_loss", chosen_nll, tokens[:size].sum())
+        if "window_rows" not in batch:
+            return out.losses.sum()  # validation: nothing to train
+        # The window's loss: mean over its pairs of the DPO loss + alpha x its chosen tokens' mean NLL.
+        share = out.losses.sum() / batch["window_rows"]
+        if self.dpo.rpo_alpha:
+            share = share + self.dpo.rpo_alpha * chosen_nll / batch["window_tokens"].clamp(min=1)
+        return share
+
+    def window_metrics(self, means: dict[str, float], stage: str) -> dict[str, float]:
+        """``loss`` = the mean DPO loss (+ ``rpo_alpha`` x the chosen tokens' mean NLL), as TRL logs it."""
+        means = dict(means)
+        loss = means.pop("dpo_loss")
+        if self.dpo.rpo_alpha:
+            loss += self.dpo.rpo_alpha * means["nll_loss"]
+        return {"loss": loss, **means}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.for_backward(self._step(batch, "train", "train"))
+        share = self._step(batch, "train", self.train_sums)
+        self.log_window(batch)
+        return self.for_backward(share)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_exact_match()
+        self._step(batch, "val", self.val_sums)
 
     # ---- TR-DPO sync ---------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -159,6 +172,7 @@ class DPOModule(ChatModule):
         """Under DeepSpeed, sharded checkpoints leave the frozen reference out
         (``strategy.exclude_frozen_parameters``) unless TR-DPO moves it; loading is then not strict,
         since ``configure_model`` rebuilds the reference from the start weights."""
+        super().setup(stage)
         strategy = self.trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             if self.dpo.ref.sync_steps and strategy.exclude_frozen_parameters:
@@ -181,10 +195,6 @@ class DPOModule(ChatModule):
             for key, value in self.reference.state_dict().items():
                 state[REFERENCE_PREFIX + key] = value
         self._last_sync_step = checkpoint.get("dpo_last_sync_step", 0)
-
-    # ---- optimisation ------------------------------------------------------------------------
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
 
 
 def precompute_reference(module: DPOModule, datamodule, cache_dir: Path, key: str) -> None:

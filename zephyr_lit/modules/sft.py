@@ -1,15 +1,16 @@
 """SFTModule: next-token cross-entropy on the labelled (assistant) tokens of chat data.
 
-The loss of one optimizer step is the mean over every label token of the global batch (all
-micro-batches of the accumulation window, on all ranks). Each micro-batch carries its window's
-label count (``window_tokens``, from ``WindowBatchSampler``) and contributes
-``sum_nll * accumulate * world_size / window_tokens``: Lightning divides by ``accumulate`` and DDP
-averages over ranks, so the gradient is that of ``sum over the window of nll / window_tokens``.
+The loss of one optimizer step is the mean over every label token of its accumulation window (all
+micro-batches, all ranks), not a mean of per-micro-batch means. Each micro-batch carries its
+window's label count (``window_tokens``, from ``WindowBatchSampler``) and contributes
+``sum_nll / window_tokens`` (scaled for Lightning and the strategy by ``ChatModule.for_backward``).
+``train/loss`` is logged once per window with the same global token mean; ``val/loss`` is the token
+mean over the whole validation set.
 """
 
 from __future__ import annotations
 
-import time
+import math
 
 import torch
 
@@ -21,7 +22,6 @@ class SFTModule(ChatModule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.model = None
-        self._reset_window()
 
     @property
     def trained_model(self):
@@ -39,46 +39,24 @@ class SFTModule(ChatModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         return self.model(**inputs, use_cache=False).logits  # (B, T, V)
 
+    def add_scores(self, sums, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Add the batch's summed NLL and label count to ``sums`` (``loss``); returns the summed NLL.
+        A validation padding row has no labels, so it counts nowhere."""
+        scores = self.scores(self.model, batch)
+        nll_sum = -scores.logp_sum.sum()
+        sums.add("loss", nll_sum, scores.token_count.sum())
+        return nll_sum
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll_sum = -self.scores(self.model, batch).logp_sum.sum()
-        window_tokens = batch["window_tokens"].clamp(min=1)
-        self._window_nll += nll_sum.detach() / window_tokens
-        self._window_real_tokens += batch["num_tokens"]
-        return self.for_backward(nll_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / window_tokens)
+        nll_sum = self.add_scores(self.train_sums, batch)
+        self.log_window(batch)
+        return self.for_backward(nll_sum / batch["window_tokens"].clamp(min=1))
 
-    def _reset_window(self) -> None:
-        self._window_nll = torch.zeros((), device=self.device)
-        self._window_real_tokens = torch.zeros((), dtype=torch.long, device=self.device)
-        self._window_started = time.perf_counter()
-
-    def on_train_start(self) -> None:
-        self._reset_window()
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Log once per optimizer step: the global-batch mean loss, the lr, real tokens per second."""
-        elapsed = time.perf_counter() - self._window_started
-        self.log("train/loss", self._window_nll.to(self.device), reduce_fx="sum", sync_dist=True, prog_bar=True)
-        tokens_per_s = self._window_real_tokens.to(self.device, torch.float32) / max(elapsed, 1e-9)
-        self.log("train/tokens_per_s", tokens_per_s, reduce_fx="sum", sync_dist=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-        self._reset_window()
+    def window_metrics(self, means: dict[str, float], stage: str) -> dict[str, float]:
+        if stage == "val":
+            return means | {"perplexity": math.exp(min(means["loss"], 700.0))}
+        return means
 
     # ---- validation -------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val_nll = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        scores = self.scores(self.model, batch)
-        nll_sum, count = -scores.logp_sum.sum(), scores.token_count.sum()
-        self._val_nll += nll_sum.double()
-        self._val_tokens += count.double()
-
-    def on_validation_epoch_end(self) -> None:
-        strategy = self.trainer.strategy
-        nll = strategy.reduce(self._val_nll, reduce_op="sum")
-        tokens = strategy.reduce(self._val_tokens, reduce_op="sum")
-        loss = (nll / tokens.clamp(min=1)).float()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
-        self.log_exact_match()
+        self.add_scores(self.val_sums, batch)
