@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR
+from tests.distributed.process import run_group
 from zephyr_lit.launch import (
     RUN_ID_VAR,
     LaunchCheck,
@@ -236,7 +237,7 @@ def test_sbatch_script_runs_srun_tasks_into_one_job_folder(tmp_path):
                     PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")  # `python`: this one
     overrides = [f"paths.root={tmp_path / 'runs'}", "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp",
                  *TINY]
-    result = subprocess.run(["bash", str(SBATCH), *overrides], cwd=tmp_path, env=env, capture_output=True,
+    result = run_group(["bash", str(SBATCH), *overrides], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     logs = "\n".join((bin_dir / f"task{r}.log").read_text()[-1500:] for r in range(2))
     assert result.returncode == 0, logs
@@ -252,7 +253,7 @@ def test_sbatch_script_runs_srun_tasks_into_one_job_folder(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_one_run_folder(tmp_path):
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
          f"paths.root={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp", *TINY],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
@@ -266,7 +267,7 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
 @pytest.mark.slow
 def test_lightnings_own_children_write_to_the_parents_folder(tmp_path):
     """A plain run (not -m) with 2 devices: Lightning re-runs train.py for rank 1; the stamp is inherited."""
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "train.py", f"paths.root={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=2",
          "strategy=ddp", *TINY],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300,
@@ -278,7 +279,7 @@ def test_lightnings_own_children_write_to_the_parents_folder(tmp_path):
 
 
 def test_several_ranks_without_a_shared_id_stop_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", f"paths.root={tmp_path}"], cwd=REPO,
+    result = run_group([sys.executable, "train.py", f"paths.root={tmp_path}"], cwd=REPO,
                             env=clean_env(WORLD_SIZE="2"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: 2 processes and no run id they share")
@@ -287,7 +288,7 @@ def test_several_ranks_without_a_shared_id_stop_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("launcher", ["basic", "local_jobs"])
 def test_multirun_with_lightning_spawned_ranks_fails_fast(tmp_path, launcher):
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "train.py", "-m", f"hydra/launcher={launcher}", f"paths.root={tmp_path}",
          "trainer.accelerator=cpu", "trainer.devices=2", "optim.lr=1e-3,3e-3", *TINY],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
@@ -300,7 +301,7 @@ def test_multirun_with_lightning_spawned_ranks_fails_fast(tmp_path, launcher):
 @pytest.mark.slow
 def test_submitit_local_sweep_writes_each_summary_and_the_table(tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "train.py", "-m", "hydra/launcher=local_jobs", f"paths.root={tmp_path}",
          f"hydra.sweep.dir={sweep}", "optim.lr=1e-3,3e-3", *TINY],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400,

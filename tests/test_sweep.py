@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from tests.distributed.process import run_group
 from zephyr_lit.sweep import sweep_rows, varying
 
 
@@ -37,7 +37,7 @@ def test_varying_keeps_swept_keys_only():
 
 def test_two_by_two_multirun_writes_and_prints_the_summary(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "train.py", "-m", f"paths.root={tmp_path}", "logger=csv", "trainer.max_steps=2",
          "trainer.enable_progress_bar=false", "data.max_train_samples=64", "data.max_eval_samples=16",
          "data.exact_match_path=null", "optim.lr=1e-3,3e-3", "seed=1,2", "hydra.sweep.dir=" + str(tmp_path / "sweep")],
@@ -60,7 +60,7 @@ def test_ddpo_two_by_two_sweep_over_beta_and_lr(tmp_path):
     """The issue's command shape: ``-m +experiment=ddpo dpo.beta=0.01,0.1 optim.lr=...`` (few steps each)."""
     repo = Path(__file__).resolve().parents[1]
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
+    result = run_group(
         [sys.executable, "train.py", "-m", "+experiment=ddpo", "dpo.beta=0.01,0.1", "optim.lr=5e-4,1e-3",
          "model.name_or_path=${asset:tiny-mistral}", "model.random_init=true", f"paths.root={tmp_path}",
          "logger=csv", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "data.max_train_samples=64",

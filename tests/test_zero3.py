@@ -9,7 +9,6 @@ models are partitioned and hashes of their gathered weights at the start and end
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 

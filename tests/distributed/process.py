@@ -10,7 +10,9 @@ import subprocess
 
 def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, **kwargs)`` in a new session; past ``timeout`` s SIGKILL the session's group
-    and raise ``subprocess.TimeoutExpired``."""
+    and raise ``subprocess.TimeoutExpired``. ``capture_output=True`` as for ``subprocess.run``."""
+    if kwargs.pop("capture_output", False):
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with subprocess.Popen(cmd, start_new_session=True, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
