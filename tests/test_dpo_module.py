@@ -4,12 +4,14 @@ sync; validation before training sees policy == reference; the log-prob cache eq
 from __future__ import annotations
 
 import csv
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 
-import zephyr_lit.modules.dpo as dpo_module
+import zephyr_lit.reference as reference_module
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.export import export_model
 from zephyr_lit.metric_sums import MetricSums
@@ -68,8 +70,12 @@ def test_precomputed_reference_logps_equal_the_online_pass_and_are_reused(make_c
     cache = tmp_path / "ref-cache"
     run = prepare_run(ddpo_cfg(make_cfg, start_model, "trainer.max_steps=2", "dpo.ref.precompute=true",
                                f"dpo.ref.cache_dir={cache}"))
+    run.module.configure_model()  # fit builds nothing more (idempotent)
+    reference_param = weakref.ref(next(run.module.reference.parameters()))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.module.reference is None  # freed
+    gc.collect()
+    assert reference_param() is None  # and nothing else holds its weights
     cached_chosen, cached_rejected = run.module.cached_logps["val"]
     files = sorted(p.name for p in cache.rglob("*.pt"))
     assert files == ["train.pt", "val.pt"]
@@ -86,7 +92,7 @@ def test_precomputed_reference_logps_equal_the_online_pass_and_are_reused(make_c
     def refuse(*args, **kwargs):
         raise AssertionError("reference log-probs recomputed despite the cache")
 
-    monkeypatch.setattr(dpo_module, "_reference_pass", refuse)
+    monkeypatch.setattr(reference_module, "reference_pass", refuse)
     again = prepare_run(ddpo_cfg(make_cfg, start_model, "trainer.max_steps=2", "dpo.ref.precompute=true",
                                  f"dpo.ref.cache_dir={cache}", output_dir=tmp_path / "again"))
     again.trainer.fit(again.module, datamodule=again.datamodule)

@@ -74,6 +74,7 @@ def test_dpo_bf16_mixed_with_precomputed_reference_and_exact_match(tmp_path):
                       "dpo.ref.precompute=true", "data.exact_match_path=${asset:data/ultrachat_tiny/exact_match.jsonl}")
     assert facts[0]["policy/dtype"] == "torch.bfloat16" and facts[0]["policy/partitioned"]
     assert "reference/start" not in facts[0]  # freed once its log-probs were cached
+    assert all(rank["reference/released"] for rank in facts)  # and really: no one holds its parameters
     assert len(list((tmp_path / "cache").rglob("train.pt"))) == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "val/exact_match" in summary["metrics"]  # greedy generation stayed in step on both ranks

@@ -23,7 +23,7 @@ from zephyr_lit.callbacks import Throughput, ValidateAtEdges
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.models import load_tokenizer
-from zephyr_lit.reference import cache_key, weights_identity
+from zephyr_lit.reference import ReferenceCache
 from zephyr_lit.zero3 import gathered_state_dict, is_partitioned
 
 log = logging.getLogger(__name__)
@@ -69,23 +69,21 @@ def describe(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}" for k, v in after.items())
 
 
-def reference_cache_key(spec, datamodule, dpo) -> str:
-    """Reference log-probs depend on the weights, the tokenised data and how log-probs are reduced."""
-    return cache_key(
-        weights_identity(spec.name_or_path, spec.revision), spec.dtype, spec.attn_implementation,
-        datamodule.train_set._fingerprint, datamodule.val_set._fingerprint, dpo.average,
-    )
-
-
 def write_summary(path: Path, summary: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def build_module(cfg: DictConfig, model_spec, tokenizer: PreTrainedTokenizerBase, exact_match: list[dict]) -> L.LightningModule:
-    """The configured module (``cfg.module``, plus ``cfg.dpo`` when present); models come later."""
-    extra = {"dpo": instantiate(cfg.dpo)} if "dpo" in cfg else {}
+def build_module(
+    cfg: DictConfig, model_spec, tokenizer: PreTrainedTokenizerBase, exact_match: list[dict], datamodule=None
+) -> L.LightningModule:
+    """The configured module (``cfg.module``, plus ``cfg.dpo`` and the reference cache over
+    ``datamodule`` when present); models come later."""
+    extra = {}
+    if "dpo" in cfg:
+        dpo = instantiate(cfg.dpo)
+        extra = {"dpo": dpo, "reference_cache": ReferenceCache(model_spec, datamodule, dpo.average, dpo.ref.cache_dir)}
     return instantiate(cfg.module, _partial_=True)(
         **extra,
         model=model_spec,
@@ -122,9 +120,7 @@ def prepare_run(cfg: DictConfig) -> Run:
     datamodule = instantiate(cfg.data)
     datamodule.prepare(tokenizer)
 
-    module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match)
-    if "dpo" in cfg:
-        module.reference_cache_key = reference_cache_key(model_spec, datamodule, module.dpo)
+    module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match, datamodule)
     trainer = build_trainer(cfg, output_dir)
     return Run(cfg, output_dir, tokenizer, datamodule, module, trainer)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import lightning as L
@@ -40,7 +42,15 @@ class Zero3Probe(L.Callback):
     def _models(self, module):
         return {"policy": module.trained_model, "reference": getattr(module, "reference", None)}
 
+    def on_fit_start(self, trainer, module) -> None:
+        # before the module's own on_fit_start, which may precompute and free the reference
+        reference = getattr(module, "reference", None)
+        self._reference_param = weakref.ref(next(reference.parameters())) if reference is not None else None
+
     def on_train_start(self, trainer, module) -> None:
+        if self._reference_param is not None and module.reference is None:
+            gc.collect()
+            self.facts["reference/released"] = self._reference_param() is None
         models = self._models(module)
         for name, model in models.items():
             if model is None:

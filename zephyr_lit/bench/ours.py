@@ -76,6 +76,15 @@ def _loader(samples: list, collate):
     return DataLoader(samples, batch_size=None, shuffle=False, collate_fn=collate, num_workers=0)
 
 
+class PrecomputePlan(list):
+    """Batches of row indices for the reference pass: ``size`` rows in the split, of which only
+    ``required`` are ever looked up (the rows the timed steps read)."""
+
+    def __init__(self, batches: list[list[int]], size: int, required: list[int]) -> None:
+        super().__init__(batches)
+        self.size, self.required = size, required
+
+
 def grouped_batches(w: Workload, rows: list[dict], epoch: int) -> list[list[int]]:
     """One epoch of length-grouped pair batches, drawn by the data modules' own sampler
     (``data.group_by_length=true``, one rank, no accumulation)."""
@@ -110,7 +119,8 @@ def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: 
         train = _loader(list(zip(plan, windows)), collate)
         used = sorted({i for batch in plan for i in batch})  # the reference precompute covers these rows only
         every = [used[start : start + w.pair_batch] for start in range(0, len(used), w.pair_batch)]
-        precompute = {"train": _loader(every, collate), "val": _loader(every[:1], collate)}
+        precompute = {"train": _loader(PrecomputePlan(every, len(rows), used), collate),
+                      "val": _loader(PrecomputePlan(every[:1], len(rows), every[0]), collate)}
         served = len(used)
     else:
         from zephyr_lit.data.collate import pad_batch
@@ -138,6 +148,8 @@ def build_data(w: Workload, kind: str, options: dict, rows: list[dict], pad_id: 
         served = len(sequences)
 
     class BenchData(L.LightningDataModule):
+        fingerprint = f"bench-{uuid.uuid4().hex}"  # never reuse a reference cache: precompute is measured
+
         def train_dataloader(self):
             return train
 
@@ -164,9 +176,7 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
     tokenizer = load_tokenizer(spec)
     datamodule, micro_batches, train_rows = build_data(w, kind, options, job["rows"], tokenizer.pad_token_id,
                                            cfg.data.pad_to_multiple_of)
-    module = build_module(cfg, spec, tokenizer, exact_match=[])
-    if kind == "dpo":
-        module.reference_cache_key = f"bench-{uuid.uuid4().hex}"  # never reuse a cache: precompute is measured
+    module = build_module(cfg, spec, tokenizer, exact_match=[], datamodule=datamodule)
 
     class Record(L.Callback):
         def on_train_start(self, trainer, pl_module):

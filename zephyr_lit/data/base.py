@@ -88,6 +88,12 @@ class ShardedDataModule(L.LightningDataModule):
             loaded.dataset = loaded.dataset.select(range(limit))
         return loaded
 
+    @property
+    def fingerprint(self) -> str:
+        """What the tokenised train and val rows are: a hash of their cache fingerprints, which cover
+        the source rows, the tokenizer and every tokenisation and truncation setting."""
+        return fingerprint("splits", self.train_set._fingerprint, self.val_set._fingerprint)
+
     def summary_stats(self) -> dict[str, dict]:
         return {name: vars(stats) for name, stats in self.stats.items()}
 

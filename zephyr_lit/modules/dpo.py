@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from zephyr_lit.errors import ConfigError
 from zephyr_lit.losses import LossType, dpo_loss
 from zephyr_lit.models import build_model
 from zephyr_lit.modules.base import ChatModule
-from zephyr_lit.reference import ReferenceSettings, freeze, load_logps, mixup_, save_logps
+from zephyr_lit.reference import ReferenceCache, ReferenceSettings, freeze, mixup_, release
 
 REFERENCE_PREFIX = "reference."
 log = logging.getLogger(__name__)
@@ -54,14 +54,16 @@ class DPOSettings:
 
 
 class DPOModule(ChatModule):
-    def __init__(self, *args, dpo: DPOSettings, **kwargs) -> None:
+    def __init__(self, *args, dpo: DPOSettings, reference_cache: ReferenceCache | None = None, **kwargs) -> None:
         kwargs.setdefault("scheduler", "linear")
         super().__init__(*args, **kwargs)
+        if dpo.ref.precompute and reference_cache is None:
+            raise ConfigError("dpo.ref.precompute=true needs a ReferenceCache (zephyr_lit.run.build_module makes one)")
         self.dpo = dpo
+        self.reference_cache = reference_cache
         self.policy = None
         self.reference = None
         self.cached_logps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (chosen, rejected)
-        self.reference_cache_key: str | None = None  # set by run.train from model, data and length settings
         self._last_sync_step = 0
 
     # ---- models ------------------------------------------------------------------------------
@@ -86,14 +88,10 @@ class DPOModule(ChatModule):
         return self
 
     def on_fit_start(self) -> None:
+        """With ``dpo.ref.precompute``: the reference log-probs of every pair, then the reference is freed."""
         if self.dpo.ref.precompute and self.reference is not None:
-            if self.reference_cache_key is None:
-                raise RuntimeError("dpo.ref.precompute needs module.reference_cache_key (set by zephyr_lit.run.train)")
-            precompute_reference(self, self.trainer.datamodule, Path(self.dpo.ref.cache_dir), self.reference_cache_key)
-
-    def drop_reference(self) -> None:
-        """Free the reference once its log-probs are cached."""
-        self.reference = None
+            self.cached_logps = self.reference_cache.fill(self)
+            self.reference = release(self.reference, self.trainer.strategy)
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,37 +194,3 @@ class DPOModule(ChatModule):
                 state[REFERENCE_PREFIX + key] = value
         self._last_sync_step = checkpoint.get("dpo_last_sync_step", 0)
 
-
-def precompute_reference(module: DPOModule, datamodule, cache_dir: Path, key: str) -> None:
-    """Fill ``module.cached_logps`` for the train and val splits from ``cache_dir/key`` or by one pass
-    of the reference over each split (rank-sharded, gathered, written once by rank 0), then free it."""
-    trainer = module.trainer
-    for split in ("train", "val"):
-        path = cache_dir / key / f"{split}.pt"
-        cached = load_logps(path)
-        if cached is None:
-            cached = _reference_pass(module, datamodule.precompute_dataloader(split))
-            if trainer.is_global_zero:
-                save_logps(path, *cached)
-            trainer.strategy.barrier()
-        module.cached_logps[split] = cached
-    module.drop_reference()
-
-
-@torch.no_grad()
-def _reference_pass(module: DPOModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    indices, chosen, rejected = [], [], []
-    for batch in loader:
-        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        size = batch["index"].numel()
-        logps = module.reference_logps(batch, split="")  # (2B,)
-        indices.append(batch["index"])
-        chosen.append(logps[:size].float())
-        rejected.append(logps[size:].float())
-    index = module.all_gather(torch.cat(indices)).reshape(-1).cpu()
-    chosen_all = module.all_gather(torch.cat(chosen)).reshape(-1).cpu()
-    rejected_all = module.all_gather(torch.cat(rejected)).reshape(-1).cpu()
-    n = int(index.max()) + 1
-    out_chosen, out_rejected = torch.empty(n), torch.empty(n)
-    out_chosen[index], out_rejected[index] = chosen_all, rejected_all
-    return out_chosen, out_rejected
