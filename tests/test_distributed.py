@@ -214,9 +214,13 @@ def test_sft_two_processes_match_one_with_the_same_global_batch(tmp_path, hf_cac
     validation and exact match (5 prompts: 3 and 2 per rank)."""
     one, two = run_pair(
         tmp_path, hf_cache, "sft", ["optim.lr=0.3", "trainer.max_epochs=2", *odd_exact_match(tmp_path)],
-        two=["data.batch_size=4"], one=["data.batch_size=8"],
+        two=["data.batch_size=4", f"data.cache_dir={tmp_path / 'fresh-cache'}"], one=["data.batch_size=8"],
     )
     assert "val/exact_match" in two["summary"]["metrics"]
+    # On a fresh cache only one process tokenised; the other read its cache: the same rows on both
+    (facts0, _), (facts1, _) = two["ranks"]
+    assert facts0["tokenized_rows"] > 0 and facts1["tokenized_rows"] == 0, (facts0["tokenized_rows"], facts1["tokenized_rows"])
+    assert facts0["train_rows_hash"] == facts1["train_rows_hash"] == one["ranks"][0][0]["train_rows_hash"]
     weights = check_same_training(one, two, start_weights())
     assert one["summary"]["global_step"] == 8
     check_train_metrics(one, two)

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from zephyr_lit.callbacks import Throughput, ValidateAtEdges
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
+from zephyr_lit.launch import is_multi_process
 from zephyr_lit.models import load_tokenizer
 from zephyr_lit.reference import ReferenceCache
 from zephyr_lit.zero3 import gathered_state_dict, is_partitioned
@@ -108,8 +109,9 @@ class Run:
 
 
 def prepare_run(cfg: DictConfig) -> Run:
-    """Check the config, prepare the data (every row checked and tokenised before any model exists),
-    then set up the module and the trainer. Models are built later, in ``configure_model``."""
+    """Check the config, prepare the data (every row checked and tokenised before any model exists:
+    here in a single process, in Lightning's ``prepare_data``/``setup`` when the cluster started
+    several), then set up the module and the trainer. Models are built later, in ``configure_model``."""
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,9 @@ def prepare_run(cfg: DictConfig) -> Run:
     model_spec = instantiate(cfg.model)
     tokenizer = load_tokenizer(model_spec)
     datamodule = instantiate(cfg.data)
-    datamodule.prepare(tokenizer)
+    datamodule.use_tokenizer(tokenizer)
+    if not is_multi_process():  # one process: tokenise now, so bad data fails before the trainer exists
+        datamodule.tokenize()  # (several: Lightning's prepare_data on one of them, then setup on all)
 
     module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match, datamodule)
     trainer = build_trainer(cfg, output_dir)

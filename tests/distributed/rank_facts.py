@@ -65,6 +65,12 @@ class RankFacts(L.Callback):
             start_hash=weights_hash(self._trained(pl_module)),
             reference_start_hash=weights_hash(getattr(pl_module, "reference", None)),
         )
+        from zephyr_lit.data.base import TOKENIZED_ROWS
+
+        train_set = trainer.datamodule.train_set
+        self.facts["tokenized_rows"] = sum(TOKENIZED_ROWS.values())  # by this process (a fresh one under torchrun)
+        self.facts["train_rows_hash"] = hashlib.sha256(
+            json.dumps([train_set[i]["input_ids"] for i in range(len(train_set))]).encode()).hexdigest()
         shard = trainer.val_dataloaders.dataset  # data/base.py EqualShard
         self.facts["val_rows"] = len(shard.real_indices)
         self.facts["val_batches"] = len(trainer.val_dataloaders)

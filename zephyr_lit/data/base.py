@@ -37,6 +37,7 @@ class ShardedDataModule(L.LightningDataModule):
     seed: int
     group_by_length: bool
     group_mega_batches: int
+    prepare_data_per_node: bool
     global_batch_size: int | None
     train_set: datasets.Dataset | None
     val_set: datasets.Dataset | None
@@ -63,7 +64,7 @@ class ShardedDataModule(L.LightningDataModule):
         """``split`` mapped in batches through ``row_fn(rows, indices, source=, split=, **kwargs)``; the
         result is cached by ``datasets`` under a fingerprint of ``kind`` and ``settings``."""
         return split.dataset.map(
-            functools.partial(row_fn, source=split.source, split=split.name, **kwargs),
+            functools.partial(_counted, row_fn=row_fn, kind=kind, source=split.source, split=split.name, **kwargs),
             batched=True,
             with_indices=True,
             remove_columns=split.dataset.column_names,
@@ -73,12 +74,41 @@ class ShardedDataModule(L.LightningDataModule):
         )
 
     def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Load, check and tokenise both splits; load the exact-match prompts."""
-        self.pad_id = tokenizer.pad_token_id
-        self.train_set = self.build(self.load(self.train_split, self.max_train_samples), tokenizer)
-        self.val_set = self.build(self.load(self.test_split, self.max_eval_samples), tokenizer)
+        """Everything now: ``use_tokenizer`` then ``tokenize``."""
+        self.use_tokenizer(tokenizer)
+        self.tokenize()
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Take the tokenizer and load the exact-match prompts (small: every process reads them)."""
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
         if self.exact_match_path:
             self.exact_match = load_exact_match(self.exact_match_path)
+
+    def tokenize(self) -> None:
+        """Load, check and tokenise both splits. ``datasets`` caches the result by fingerprint, so a
+        second call (another process, a later run) reads the cache instead of tokenising again."""
+        self.train_set = self.build(self.load(self.train_split, self.max_train_samples), self.tokenizer)
+        self.val_set = self.build(self.load(self.test_split, self.max_eval_samples), self.tokenizer)
+
+    # Lightning runs prepare_data on one process per node (data.prepare_data_per_node=true, for a
+    # node-local cache) or on one process in all (false, for a cache on shared storage) while the
+    # others wait at a barrier; then setup on every process, which reads what was prepared. A run of
+    # one process has tokenised already (zephyr_lit.run.prepare_run), before any trainer exists.
+    def prepare_data(self) -> None:
+        if self.train_set is None:
+            self.tokenize()
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is None:
+            self.tokenize()
+
+    def init_lightning(self) -> None:
+        """``LightningDataModule.__init__`` for the dataclass subclasses, keeping the configured
+        ``prepare_data_per_node`` (Lightning's constructor resets it)."""
+        per_node = self.prepare_data_per_node
+        L.LightningDataModule.__init__(self)
+        self.prepare_data_per_node = per_node
+        self.tokenizer = None
 
     def load(self, split: str, limit: int | None) -> Split:
         """One split, its required columns checked, cut to ``limit`` rows when set."""
@@ -175,6 +205,14 @@ class ShardedDataModule(L.LightningDataModule):
             collate_fn=self.collate(),
             num_workers=self.num_workers,
         )
+
+
+TOKENIZED_ROWS: dict[str, int] = {}  # rows tokenised by this process, per kind (not by num_proc workers)
+
+
+def _counted(batch: dict, indices: list[int], *, row_fn: Callable, kind: str, **kwargs) -> dict:
+    TOKENIZED_ROWS[kind] = TOKENIZED_ROWS.get(kind, 0) + len(indices)
+    return row_fn(batch, indices, **kwargs)
 
 
 class EqualShard(Dataset):

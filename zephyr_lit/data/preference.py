@@ -223,6 +223,7 @@ class PreferenceDataModule(ShardedDataModule):
     seed: int = 42
     group_by_length: bool = False  # batches of pairs of similar length (see WindowBatchSampler)
     group_mega_batches: int = 50   # global micro-steps per length-sorted chunk
+    prepare_data_per_node: bool = True  # tokenise once per node (false: once in all, for a shared cache)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
@@ -233,7 +234,7 @@ class PreferenceDataModule(ShardedDataModule):
     check_row = staticmethod(_check_row)
 
     def __post_init__(self) -> None:
-        super().__init__()
+        self.init_lightning()
         self.check_grouping()
         if self.max_prompt_length is not None and self.max_prompt_length < 2:
             raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be >= 2 (BOS and one token) or null")

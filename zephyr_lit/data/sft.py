@@ -79,6 +79,7 @@ class SFTDataModule(ShardedDataModule):
     seed: int = 42
     group_by_length: bool = False  # batches of rows of similar length (see WindowBatchSampler)
     group_mega_batches: int = 50   # global micro-steps per length-sorted chunk
+    prepare_data_per_node: bool = True  # tokenise once per node (false: once in all, for a shared cache)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
@@ -89,7 +90,7 @@ class SFTDataModule(ShardedDataModule):
     check_row = staticmethod(_check_row)
 
     def __post_init__(self) -> None:
-        super().__init__()
+        self.init_lightning()
         self.check_grouping()
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
