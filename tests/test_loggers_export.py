@@ -1,13 +1,16 @@
-"""The CSV logger's fixed file, the atomic export and the latest pointer."""
+"""The CSV logger's fixed file, the atomic export (for inference: KV cache on) and the latest pointer."""
 
 import csv
+import json
 import os
 
 import pytest
-from transformers import MistralConfig, MistralForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.loggers import CSVMetricsLogger
+from zephyr_lit.run import train
 
 
 def read(path):
@@ -42,10 +45,46 @@ def test_export_replaces_an_old_export_only_when_complete(tmp_path, monkeypatch)
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
+    model.config.use_cache = False  # as build_model leaves it with gradient checkpointing
+    generation_config = model.generation_config
     monkeypatch.setattr(model, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
         export_model(model, tokenizer, tmp_path / "model")
     assert sorted(os.listdir(target)) == before  # the earlier export is untouched
+    # A failed export leaves the live model's configs as they were, too.
+    assert model.config.use_cache is False and model.generation_config is generation_config
+
+
+def test_export_of_a_checkpointed_run_generates_with_the_kv_cache(make_cfg):
+    """Gradient checkpointing turns the live cache off; the export turns it back on, in both files.
+    (Without it: config.json says use_cache false and pipeline() recomputes the prefix per token.)"""
+    # No exact-match generation and a small validation set: only the export is under test.
+    summary = train(make_cfg("model.gradient_checkpointing=true", "trainer.max_steps=2", "data.exact_match_path=null",
+                             "data.max_eval_samples=16"))
+    export = summary["export_dir"]
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(export, name)) as handle:
+            assert json.load(handle)["use_cache"] is True, name
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.use_cache and model.generation_config.use_cache
+    prompt = torch.tensor([[1, 388, 259, 2]])  # BOS and the empty system turn of the chat template
+    output = model.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert output.cache is not None and output.cache.get_seq_length() >= prompt.shape[1]  # the prefix was cached
+
+
+def test_export_leaves_the_live_model_as_it_was(tmp_path):
+    from zephyr_lit.assets import TINY_MODEL, asset_path
+    from zephyr_lit.models import ModelSpec, build_model, load_tokenizer
+
+    spec = ModelSpec(name_or_path=asset_path(TINY_MODEL), random_init=True, gradient_checkpointing=True)
+    tokenizer, model = load_tokenizer(spec), build_model(spec)
+    generation = model.generation_config.to_dict()
+    export_model(model, tokenizer, tmp_path / "model")
+    assert model.config.use_cache is False and model.is_activation_checkpointing and model.training
+    assert model.generation_config.to_dict() == generation
+    with open(tmp_path / "model" / "generation_config.json") as handle:
+        saved = json.load(handle)
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, 2, 2)
 
 
 def test_latest_pointer_moves_to_the_newest_run(tmp_path):

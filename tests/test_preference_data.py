@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 import zephyr_lit.data.preference as preference
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.data.load import find_bad_json_row
-from zephyr_lit.data.preference import PreferenceDataModule, collate_pairs, tokenize_pair
+from zephyr_lit.data.preference import PairTokens, PreferenceDataModule, collate_pairs, tokenize_pair, truncate_pair
 from zephyr_lit.data.tokenize import IGNORE_INDEX as IGN
 from zephyr_lit.errors import ConfigError, DataError
 from zephyr_lit.models import ModelSpec, load_tokenizer
@@ -119,7 +119,8 @@ def test_truncation_keeps_bos_and_the_end_of_the_prompt(tmp_path, hf_cache, toke
     for row in rows:
         assert row["prompt_length"] <= 32 and row["prompt_input_ids"][0] == 1
         assert row["prompt_length"] + max(row["chosen_length"], row["rejected_length"]) <= 64
-    assert rows[2]["prompt_length"] + rows[2]["chosen_length"] == 64 and rows[2]["chosen_input_ids"][-1] != 2
+    # TRL's budget: the long reply is cut to max_length - max_prompt_length = 32, its short prompt kept whole.
+    assert (rows[2]["prompt_length"], rows[2]["chosen_length"]) == (16, 32) and rows[2]["chosen_input_ids"][-1] != 2
     assert rows[2]["rejected_input_ids"][-1] == 2  # the short reply keeps its </s>
 
     # No separate prompt cap: a prompt that fills max_length leaves no completion token -> dropped, counted.
@@ -127,6 +128,59 @@ def test_truncation_keeps_bos_and_the_end_of_the_prompt(tmp_path, hf_cache, toke
     stats = uncapped.stats["train_prefs"]
     assert (stats.pairs, stats.dropped_no_room, stats.dropped, stats.truncated_prompts, stats.truncated_completions) == (2, 1, 1, 0, 1)
     assert uncapped.train_set["index"] == [0, 1] and uncapped.train_set["prompt_length"] == [16, 16]
+
+
+# truncate_pair by hand: BOS = 1, prompt ids 10.., chosen 20.., rejected 30.., </s> = 2.
+PROMPT8 = [1, 10, 11, 12, 13, 14, 15, 16]
+TRUNCATION_CASES = {
+    # 6 + 3 <= 10: the pair fits, the prompt stays whole though it is longer than max_prompt_length.
+    "fits": (([1, 10, 11, 12, 13, 14], [20, 21, 2], [30, 2], 10, 4),
+             PairTokens([1, 10, 11, 12, 13, 14], [20, 21, 2], [30, 2], False, False, False)),
+    # 8 + 4 > 10: BOS + the last 3 prompt tokens; then 4 + 4 <= 10, the completions stay whole.
+    "prompt cut": ((PROMPT8, [20, 21, 22, 2], [30, 2], 10, 4),
+                   PairTokens([1, 14, 15, 16], [20, 21, 22, 2], [30, 2], True, False, False)),
+    # 4 + 8 > 10 after the prompt cut: both completions cut to 10 - 4 = 6 (the short one is already shorter).
+    "completions cut too": ((PROMPT8, [20, 21, 22, 23, 24, 25, 26, 2], [30, 31, 2], 10, 4),
+                            PairTokens([1, 14, 15, 16], [20, 21, 22, 23, 24, 25], [30, 31, 2], True, True, False)),
+    # A prompt within max_prompt_length is not cut; the completions still get 10 - 4 = 6, not 10 - 3.
+    "short prompt, long reply": (([1, 10, 11], [20, 21, 22, 23, 24, 25, 26, 27, 2], [30, 2], 10, 4),
+                                 PairTokens([1, 10, 11], [20, 21, 22, 23, 24, 25], [30, 2], False, True, False)),
+    # max_prompt_length null: the prompt is never cut, the completions get what it leaves (10 - 8 = 2).
+    "no prompt cap": ((PROMPT8, [20, 21, 22, 2], [30, 2], 10, None),
+                      PairTokens(PROMPT8, [20, 21], [30, 2], False, True, False)),
+    "no prompt cap, no room": (([1, *range(10, 19)], [20, 2], [30, 2], 10, None),
+                               PairTokens([1, *range(10, 19)], [], [], False, True, True)),
+    # max_prompt_length >= max_length leaves the completions no budget: no room, the row is dropped.
+    "cap above max_length": ((PROMPT8, [20, 21, 2], [30, 2], 10, 12),
+                             PairTokens(PROMPT8, [], [], False, True, True)),
+}
+
+
+@pytest.mark.parametrize("case", list(TRUNCATION_CASES))
+def test_truncate_pair_by_hand(case):
+    (prompt, chosen, rejected, max_length, max_prompt_length), expected = TRUNCATION_CASES[case]
+    inputs = [list(prompt), list(chosen), list(rejected)]
+    tokens = truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length, bos_id=1)
+    assert tokens == expected
+    assert tokens.fits == bool(expected.chosen_input_ids)  # False: _tokenize_rows drops the row as "no_room"
+    assert [prompt, chosen, rejected] == inputs  # the inputs are not modified
+
+
+def test_truncate_pair_without_bos_keeps_the_prompts_end():
+    tokens = truncate_pair([10, 11, 12, 13, 14, 15, 16, 17], [20, 2], [30, 31, 32, 2], 10, 4, bos_id=None)
+    assert tokens == PairTokens([14, 15, 16, 17], [20, 2], [30, 31, 32, 2], True, False, False)
+
+
+def test_a_pair_that_fits_keeps_its_long_prompt(tmp_path, hf_cache, tokenizer):
+    """The old rule cut every prompt over max_prompt_length; TRL's (and ours) only an overflowing pair's."""
+    medium = pair(prompt=[{"role": "user", "content": " ".join(["word"] * 10)}])
+    full = tokenize_pair(medium["chosen"], medium["rejected"], tokenizer, 10_000, None)
+    assert len(full.prompt_input_ids) > 32 and len(full.prompt_input_ids) + len(full.chosen_input_ids) <= 64
+    datamodule = prepared(tmp_path, hf_cache, tokenizer, [GOOD, medium], max_length=64, max_prompt_length=32)
+    stats = datamodule.stats["train_prefs"]
+    assert (stats.pairs, stats.truncated_prompts, stats.truncated_completions) == (2, 0, 0)
+    assert datamodule.train_set[1]["prompt_input_ids"] == full.prompt_input_ids
+    assert datamodule.train_set[1]["chosen_input_ids"] == full.chosen_input_ids
 
 
 def test_identical_pairs_are_dropped_and_counted(tmp_path, hf_cache, tokenizer):
@@ -263,6 +317,8 @@ def test_global_batch_size_is_checked(caplog):
     assert "= 64 pairs per optimizer step (= data.global_batch_size)" in caplog.text
     with pytest.raises(ConfigError, match=r"data.max_prompt_length=1: must be >= 2"):
         PreferenceDataModule(path="unused", max_prompt_length=1)
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length=64: must be < data.max_length=64"):
+        PreferenceDataModule(path="unused", max_length=64, max_prompt_length=64)
 
 
 def test_real_data_config_composes():

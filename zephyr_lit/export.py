@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,6 +17,11 @@ def export_model(
 ) -> Path:
     """Write model (safetensors), tokenizer, chat template and generation config to ``target``.
 
+    The export is for inference: ``use_cache: true`` in both ``config.json`` and
+    ``generation_config.json`` (training with gradient checkpointing turns the live model's cache
+    off), and the tokenizer's BOS/EOS/pad ids in ``generation_config.json``. The live model's config
+    and generation config are left exactly as they were.
+
     ``state_dict`` replaces the model's own weights (a ZeRO-3 model holds only shards: pass
     ``zero3.gathered_state_dict(model)``).
 
@@ -23,10 +31,8 @@ def export_model(
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    with inference_configs(model, tokenizer):
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -36,6 +42,27 @@ def export_model(
     else:
         os.replace(tmp, target)
     return target
+
+
+@contextmanager
+def inference_configs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Within the block, ``model`` carries the configs an inference export should save; on exit
+    (even on an error) its own are back, so a caller that keeps training sees no change."""
+    use_cache, generation_config = model.config.use_cache, model.generation_config
+    # The config is shared with the submodules (model.model.config is the same object): flip one
+    # field and put it back. The generation config is the model's alone: save a copy.
+    generation = copy.deepcopy(generation_config)
+    generation.use_cache = True
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    model.config.use_cache = True
+    model.generation_config = generation
+    try:
+        yield
+    finally:
+        model.config.use_cache = use_cache
+        model.generation_config = generation_config
 
 
 def point_latest(link: Path, run_dir: Path) -> None:

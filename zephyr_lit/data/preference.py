@@ -13,10 +13,15 @@ final assistant turn. Conventions (tested on exact token ids in ``tests/test_pre
   the row). Each example stores ``prompt_input_ids`` (from BOS), ``chosen_input_ids`` and
   ``rejected_input_ids`` (completion ids only), their lengths, and ``index``: the row's position in
   the split after drops, ``0..n-1``, stable across runs (the key of cached reference log-probs).
-- **Truncation**: a prompt longer than ``max_prompt_length`` keeps BOS and its *last*
-  ``max_prompt_length - 1`` tokens (the question nearest the answer). Each completion is then cut on
-  the right so that prompt + completion <= ``max_length``. A row left with no room for a single
-  completion token (possible only when ``max_prompt_length`` is null or >= ``max_length``) is dropped.
+- **Truncation** (``truncate_pair``; the rule of TRL 0.7's ``DPOTrainer``, ``truncation_mode="keep_end"``,
+  that the handbook's Zephyr recipe trained with): a pair *overflows* when ``len(prompt) +
+  max(len(chosen), len(rejected)) > max_length``. A pair that fits is kept whole, however long its
+  prompt. An overflowing pair's prompt, if longer than ``max_prompt_length``, keeps BOS and its *last*
+  ``max_prompt_length - 1`` tokens (the question nearest the answer); if the pair still overflows,
+  both completions are cut on the right to ``max_length - max_prompt_length`` tokens (``</s>`` may
+  go). With ``max_prompt_length`` null the prompt is never cut and an overflowing pair's completions
+  are cut to ``max_length - len(prompt)``. A row left with no completion token (possible only when
+  ``max_prompt_length`` is null or >= ``max_length``) is dropped.
 - **Drops** (counted, logged once per split): chosen identical to rejected; no completion token fits.
 - **Bad rows** stop ``prepare`` before any model exists, one line naming file, split, row and field:
   a missing ``chosen``/``rejected``, a malformed message list (``check_messages``), a list not ending
@@ -51,7 +56,7 @@ from zephyr_lit.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 # Bump when the pair tokenisation below changes meaning, so that old caches are not reused.
-PREFERENCE_VERSION = "1"
+PREFERENCE_VERSION = "2"  # 2: TRL's rule, the prompt cut only when the pair overflows max_length
 SIDES = ("chosen", "rejected")
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
            "prompt_length", "chosen_length", "rejected_length", "index")
@@ -118,6 +123,8 @@ def split_prompt_completion(
 
 @dataclass
 class PairTokens:
+    """One pair's ids after truncation; each ``*_truncated`` flag says that part lost tokens."""
+
     prompt_input_ids: list[int]
     chosen_input_ids: list[int]
     rejected_input_ids: list[int]
@@ -148,15 +155,28 @@ def tokenize_pair(
             f"{at}: field 'rejected' tokenises its prompt differently from 'chosen' "
             "(the tokenizer merges across the prompt/completion boundary)"
         )
-    head = 1 if prompt and prompt[0] == tokenizer.bos_token_id else 0  # BOS is always kept
-    prompt_truncated = max_prompt_length is not None and len(prompt) > max_prompt_length
-    if prompt_truncated:
+    return truncate_pair(prompt, chosen_ids, rejected_ids, max_length, max_prompt_length, tokenizer.bos_token_id)
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+                  max_prompt_length: int | None, bos_id: int | None) -> PairTokens:
+    """The module docstring's Truncation rule on id lists (``prompt`` from BOS, completions with
+    ``</s>``). Empty completions in the result mean no room: the caller drops the row."""
+
+    def overflows(prompt_ids: list[int]) -> bool:
+        return len(prompt_ids) + max(len(chosen), len(rejected)) > max_length
+
+    prompt_truncated = False
+    if overflows(prompt) and max_prompt_length is not None and len(prompt) > max_prompt_length:
+        head = 1 if prompt[0] == bos_id else 0  # BOS is kept once, at the front
         prompt = prompt[:head] + prompt[len(prompt) - (max_prompt_length - head):]
-    room = max(max_length - len(prompt), 0)
-    return PairTokens(
-        prompt, chosen_ids[:room], rejected_ids[:room],
-        prompt_truncated, len(chosen_ids) > room, len(rejected_ids) > room,
-    )
+        prompt_truncated = True
+    if not overflows(prompt):
+        return PairTokens(prompt, chosen, rejected, prompt_truncated, False, False)
+    # TRL's budget: what max_prompt_length leaves of max_length, even for a shorter prompt.
+    reserved = len(prompt) if max_prompt_length is None else max_prompt_length
+    room = max(max_length - reserved, 0)
+    return PairTokens(prompt, chosen[:room], rejected[:room], prompt_truncated, len(chosen) > room, len(rejected) > room)
 
 
 def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, max_prompt_length, source, split):
@@ -238,6 +258,9 @@ class PreferenceDataModule(ShardedDataModule):
         self.check_grouping()
         if self.max_prompt_length is not None and self.max_prompt_length < 2:
             raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be >= 2 (BOS and one token) or null")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be < data.max_length={self.max_length} "
+                              "(completions of a pair over data.max_length get max_length - max_prompt_length tokens)")
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
         self.exact_match: list[dict] = []
@@ -274,10 +297,11 @@ class PreferenceDataModule(ShardedDataModule):
         self.stats[split.name] = stats
         report = log.warning if stats.dropped or stats.truncated_prompts or stats.truncated_completions else log.info
         report(
-            "%s split '%s': %d pairs of %d rows; %d prompts cut to data.max_prompt_length=%s (kept their end), "
-            "%d completions cut to data.max_length=%d; dropped %d with chosen == rejected, %d with no room for a completion",
-            split.source, split.name, stats.pairs, stats.rows, stats.truncated_prompts, self.max_prompt_length,
-            stats.truncated_completions, self.max_length, stats.dropped_identical, stats.dropped_no_room,
+            "%s split '%s': %d pairs of %d rows; in pairs over data.max_length=%d, %d prompts cut to "
+            "data.max_prompt_length=%s (kept their end) and %d completions cut to the length left; dropped %d with "
+            "chosen == rejected, %d with no room for a completion",
+            split.source, split.name, stats.pairs, stats.rows, self.max_length, stats.truncated_prompts,
+            self.max_prompt_length, stats.truncated_completions, stats.dropped_identical, stats.dropped_no_room,
         )
         return kept.select_columns(list(COLUMNS))
 
