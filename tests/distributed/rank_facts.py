@@ -67,10 +67,10 @@ class RankFacts(L.Callback):
         )
         from zephyr_lit.data.base import TOKENIZED_ROWS
 
-        train_set = trainer.datamodule.train_set
+        train_set = trainer.datamodule.train_set.with_format(None)
         self.facts["tokenized_rows"] = sum(TOKENIZED_ROWS.values())  # by this process (a fresh one under torchrun)
-        self.facts["train_rows_hash"] = hashlib.sha256(
-            json.dumps([train_set[i]["input_ids"] for i in range(len(train_set))]).encode()).hexdigest()
+        rows = [train_set[i] for i in range(len(train_set))]  # every column: SFT or preference rows
+        self.facts["train_rows_hash"] = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         shard = trainer.val_dataloaders.dataset  # data/base.py EqualShard
         self.facts["val_rows"] = len(shard.real_indices)
         self.facts["val_batches"] = len(trainer.val_dataloaders)
