@@ -202,18 +202,16 @@ def reference_pass(module, loader, split: str) -> tuple[torch.Tensor, torch.Tens
     return out_chosen, out_rejected
 
 
-def release(model: nn.Module, strategy) -> None:
-    """Free ``model`` (the reference, once its log-probs are cached): returns None, to assign in its
-    place. Under DeepSpeed the engine and its ZeRO optimizer keep every parameter of the module tree
-    they were built on as a key of ``param_names``, which would keep the partitioned reference alive:
-    its parameters are removed there first."""
-    ids = {id(p) for p in model.parameters()}
-    engine = getattr(strategy, "model", None)
+def release(module) -> None:
+    """Free ``module.reference`` (once its log-probs are cached) and collect it. Under DeepSpeed the
+    engine and its ZeRO optimizer keep every parameter of the module tree they were built on as a key
+    of ``param_names``, which would keep the partitioned reference alive: those entries go first."""
+    ids = {id(p) for p in module.reference.parameters()}
+    engine = getattr(module.trainer.strategy, "model", None)
     for owner in (engine, getattr(engine, "optimizer", None)):
         names = getattr(owner, "param_names", None)
         if isinstance(names, dict):
             for param in [p for p in names if id(p) in ids]:
                 del names[param]
-    del model
+    module.reference = None
     gc.collect()
-    return None

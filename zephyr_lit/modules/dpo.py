@@ -91,7 +91,7 @@ class DPOModule(ChatModule):
         """With ``dpo.ref.precompute``: the reference log-probs of every pair, then the reference is freed."""
         if self.dpo.ref.precompute and self.reference is not None:
             self.cached_logps = self.reference_cache.fill(self)
-            self.reference = release(self.reference, self.trainer.strategy)
+            release(self)
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
