@@ -88,7 +88,9 @@ def test_zephyr_7b_beta_recipes_derive_the_papers_global_batches():
     assert (ddpo.data.max_length, ddpo.data.max_prompt_length) == (1024, 512)
     assert ddpo.model.name_or_path.endswith("zephyr-7b-beta-dsft/latest/model")
     assert not ddpo.model.random_init and "tiny" not in ddpo.model.name_or_path
+    assert (dsft.callbacks.checkpoint.every_n_train_steps, ddpo.callbacks.checkpoint.every_n_train_steps) == (50, 200)
     for cfg in (dsft, ddpo):
+        assert cfg.callbacks.exact_resume._target_ == "zephyr_lit.resume.ExactResume"
         assert cfg.optim.weight_decay == 0.0 and cfg.model.dtype == "bfloat16"
         assert cfg.model.attn_implementation == "flash_attention_2" and cfg.model.gradient_checkpointing
         zero = cfg.strategy.config.zero_optimization

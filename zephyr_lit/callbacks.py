@@ -1,11 +1,16 @@
-"""Callbacks: validation before the first optimizer step and on the final weights."""
+"""Callbacks: validation before the first optimizer step and on the final weights, checkpoints only at
+accumulation-window ends, throughput."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from zephyr_lit.windows import window_ends
 
 
 def run_validation(trainer: L.Trainer) -> None:
@@ -22,7 +27,9 @@ def run_validation(trainer: L.Trainer) -> None:
 
 class ValidateAtEdges(L.Callback):
     """Validate at the start of fit (the untrained baseline) and at the end, unless the last
-    optimizer step was just validated. This holds whatever ``max_steps`` or ``max_epochs`` is."""
+    optimizer step was just validated. This holds whatever ``max_steps`` or ``max_epochs`` is.
+    A resumed run keeps the baseline of the run it continues (saved in the checkpoint) and does not
+    validate again before its first step."""
 
     def __init__(self) -> None:
         self.validated_at_step: int | None = None
@@ -33,12 +40,38 @@ class ValidateAtEdges(L.Callback):
             self.validated_at_step = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0:  # resumed: the baseline is the one in the checkpoint
+            return
         run_validation(trainer)
         self.initial_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_metrics": self.initial_metrics, "validated_at_step": self.validated_at_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_metrics = dict(state_dict.get("initial_metrics", {}))
+        self.validated_at_step = state_dict.get("validated_at_step")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.validated_at_step != trainer.global_step:
             run_validation(trainer)
+
+
+class WindowCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that saves during training only when a micro-batch closes its
+    accumulation window, so a checkpoint never holds half a window (whose gradient it could not keep).
+
+    Lightning's own rule saves at the first micro-batch whose ``global_step`` is a multiple of
+    ``every_n_train_steps`` and was not saved yet; after a resume from such a step, with accumulation,
+    that would be the next window's first micro-batch. Here the resumed step counts as saved."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if window_ends(trainer):
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
 class Throughput(L.Callback):

@@ -18,7 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class ModelSpec:
     """What to load. ``random_init`` builds the architecture from ``config.json`` alone (seeded by
-    ``init_seed``): the embedded default ships a config, no weights."""
+    ``init_seed``): the embedded default ships a config, no weights. ``config_overrides`` replace
+    values of the model's config before it is built (e.g. ``{attention_dropout: 0.1}``)."""
 
     name_or_path: str
     tokenizer_name_or_path: str | None = None
@@ -29,6 +30,7 @@ class ModelSpec:
     random_init: bool = False
     init_seed: int = 0
     trust_remote_code: bool = False
+    config_overrides: dict | None = None
 
 
 def check_attention(implementation: str) -> None:
@@ -59,14 +61,18 @@ def build_model(spec: ModelSpec) -> PreTrainedModel:
     """Load (or random-init) the model in train mode, with the configured attention and dtype."""
     check_attention(spec.attn_implementation)
     dtype = DTYPES[spec.dtype]
+    config = AutoConfig.from_pretrained(
+        spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+        **dict(spec.config_overrides or {}),
+    )
     if spec.random_init:
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             spec.name_or_path,
+            config=config,
             revision=spec.revision,
             dtype=dtype,
             attn_implementation=spec.attn_implementation,

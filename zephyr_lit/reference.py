@@ -142,12 +142,12 @@ class ReferenceCache:
     def key(self, precision: str, weights_dtype: torch.dtype) -> str:
         """Everything that changes the cached values: the weights (and ``init_seed`` when they are a
         random init), their dtype as the strategy holds them, the trainer precision, the attention,
-        the tokenised data (truncation included) and the reduction."""
+        the config overrides, the tokenised data (truncation included) and the reduction."""
         spec = self.spec
         weights = weights_identity(spec.name_or_path, spec.revision)
         seed = spec.init_seed if spec.random_init else None
         return cache_key(weights, seed, spec.dtype, str(weights_dtype), precision, spec.attn_implementation,
-                         self.datamodule.fingerprint, self.average)
+                         dict(spec.config_overrides or {}), self.datamodule.fingerprint, self.average)
 
     def fill(self, module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{split: (chosen, rejected)}`` for ``train`` and ``val``, from the cache or by one pass of

@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.data.exact_match import load_exact_match
 from zephyr_lit.data.fingerprint import fingerprint
 from zephyr_lit.data.load import Split, load_split
-
+from zephyr_lit.data.position import ResumableLoader
 from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
 from zephyr_lit.data.validate import require_columns
 from zephyr_lit.errors import ConfigError, DataError
@@ -178,13 +179,19 @@ class ShardedDataModule(L.LightningDataModule):
                 f"{self.path} split '{self.train_split}': {len(self.train_set)} {self.unit} are fewer than one "
                 f"global micro-batch (data.batch_size={self.batch_size} x {world_size} ranks)"
             )
-        return DataLoader(
+        return ResumableLoader(
             WindowedDataset(self.train_set.with_format(None)),
             batch_sampler=sampler,
             collate_fn=self.collate(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self.loader_generator(),
         )
+
+    def loader_generator(self) -> torch.Generator:
+        """A loader's own generator (for its workers' seeds): left alone, each ``iter()`` would draw from
+        the global RNG, and a validation would then change the dropout masks of the steps after it."""
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader:
         """This rank's contiguous block of the validation rows, padded to the same length on every rank
@@ -204,6 +211,7 @@ class ShardedDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size or self.batch_size,
             collate_fn=self.collate(),
             num_workers=self.num_workers,
+            generator=self.loader_generator(),
         )
 
 

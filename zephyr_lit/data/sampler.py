@@ -36,6 +36,9 @@ class WindowBatchSampler:
     longest step still first). Rank ``r`` still takes the ``r``-th slice of each global micro-step, so
     rank 0 gets its longest rows. Windows and their token counts follow the final order. Everything is
     the same on every rank.
+
+    **Resuming** (``start_at(n)``): the next iteration skips the epoch's first ``n`` micro-batches
+    (without loading them) and yields the rest exactly as an uninterrupted iteration would.
     """
 
     def __init__(
@@ -60,6 +63,11 @@ class WindowBatchSampler:
         if mega_batches < 1:
             raise ValueError(f"mega_batches={mega_batches}: must be >= 1")
         self.mega_batches = mega_batches
+        self.start = 0
+
+    def start_at(self, micro_batches: int) -> None:
+        """Make the next iteration begin at this epoch's micro-batch ``micro_batches`` (0: the start)."""
+        self.start = micro_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,11 +99,13 @@ class WindowBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         steps = self.global_steps()  # (S, W, B)
+        skip, self.start = self.start, 0
         for start in range(0, len(self), self.accumulate):
             window = steps[start : start + self.accumulate]  # (k, W, B), k = accumulate except at the epoch's end
             tokens, rows = int(self.label_counts[window.flatten()].sum()), window.numel()
-            for micro_step in window:
-                yield [(int(i), tokens, rows) for i in micro_step[self.rank]]
+            for position, micro_step in enumerate(window, start):
+                if position >= skip:
+                    yield [(int(index), tokens, rows) for index in micro_step[self.rank]]
 
 
 class WindowedDataset(Dataset):
