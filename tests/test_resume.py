@@ -11,21 +11,17 @@ the first test checks that the uninterrupted run moved the weights by much more 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.process import run_group
+from tests.distributed.train_py import train_py
 from zephyr_lit.assets import TINY_MODEL, asset_path
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 KILL = "tests.resume.kill.KillAfter"
 
@@ -38,20 +34,6 @@ SFT = ["+experiment=dsft", "data.max_train_samples=256", "data.batch_size=8", "d
 DPO = ["+experiment=ddpo", f"model.name_or_path={asset_path(TINY_MODEL)}", "model.random_init=true",
        "data.max_train_samples=128", "data.batch_size=4", "data.max_prompt_length=64", "data.max_length=128",
        "optim.lr=1e-3"]
-
-
-def train_py(overrides: list[str], log: Path, ranks: int = 1, timeout: float = 300) -> int:
-    """Run ``train.py`` (under torchrun for several ranks) and return its exit code."""
-    if ranks == 1:
-        command = [sys.executable, "train.py"]
-    else:
-        launcher = Path(sys.executable).with_name("torchrun")
-        command = [str(launcher), "--standalone", f"--nproc-per-node={ranks}", "train.py",
-                   "trainer.accelerator=cpu", f"trainer.devices={ranks}", "strategy=ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    with open(log, "a") as handle:
-        return run_group(command + overrides, timeout, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT
-                         ).returncode
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from zephyr_lit.errors import ConfigError
 from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, check_attention
+from zephyr_lit.nonfinite import POLICIES
 from zephyr_lit.schedule import SCHEDULES
 
 
@@ -67,6 +68,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     )
     if "dpo" in cfg:
         problems += dpo_problems(cfg)
+    problems += nonfinite_problems(cfg)
     model_path = str(cfg.model.name_or_path)
     if looks_local(model_path) and not Path(model_path).expanduser().exists():
         fix = "run `python train.py +experiment=dsft` first, or set model.name_or_path" if "dsft" in model_path \
@@ -92,6 +94,21 @@ def dpo_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"dpo.ref.sync_steps={dpo.ref.sync_steps}: must be >= 1 (or null)")
     if not 0 < dpo.ref.mixup_alpha <= 1:
         problems.append(f"dpo.ref.mixup_alpha={dpo.ref.mixup_alpha}: must be in (0, 1]")
+    return problems
+
+
+def nonfinite_problems(cfg: DictConfig) -> list[str]:
+    policy, limit = cfg.module.get("nonfinite", "stop"), cfg.module.get("max_skipped_steps", 10)
+    problems = []
+    if policy not in POLICIES:
+        problems.append(f"module.nonfinite={policy}: must be one of {', '.join(POLICIES)}")
+    if limit is None or limit < 0:
+        problems.append(f"module.max_skipped_steps={limit}: must be >= 0")
+    if policy == "skip" and "DeepSpeed" in str(cfg.strategy.get("_target_", "")):
+        problems.append(
+            "module.nonfinite=skip: DeepSpeed applies the step inside its engine, where a step cannot be "
+            "skipped; use module.nonfinite=stop under DeepSpeed (resume from the last checkpoint with a lower lr)"
+        )
     return problems
 
 

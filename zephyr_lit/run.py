@@ -154,6 +154,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         "initial_metrics": initial_metrics(trainer),
         "overrides": list(overrides or []),
         "throughput": throughput(trainer),  # rank 0's
+        "nonfinite_skipped_steps": module.nonfinite.skipped,  # module.nonfinite=skip (the same on every rank)
         "data": {name: vars(stats) for name, stats in run.datamodule.stats.items()},
         "duration_s": round(time.time() - started, 1),
     }

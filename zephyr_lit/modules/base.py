@@ -15,6 +15,7 @@ from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.metric_sums import MetricSums
 from zephyr_lit.models import ModelSpec
+from zephyr_lit.nonfinite import NonFiniteGuard
 from zephyr_lit.schedule import build_scheduler
 from zephyr_lit.windows import align_windows, mark_boundary, window_ends
 from zephyr_lit.zero3 import hf_deepspeed_config, zero3_config
@@ -37,6 +38,8 @@ class ChatModule(L.LightningModule):
         exact_match_max_new_tokens: int = 32,
         exact_match_batch_size: int = 32,
         length_groups: int = 1,
+        nonfinite: str = "stop",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         self.model_spec = model
@@ -51,6 +54,7 @@ class ChatModule(L.LightningModule):
         if length_groups < 1:
             raise ConfigError(f"module.length_groups={length_groups}: must be >= 1 (1: one padded pass per batch)")
         self.length_groups = length_groups
+        self.nonfinite = NonFiniteGuard(nonfinite, max_skipped_steps)  # see zephyr_lit/nonfinite.py
         self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
         self.train_sums = MetricSums()  # this accumulation window's, logged once when it ends
         self.val_sums = MetricSums()  # this validation epoch's
@@ -91,12 +95,23 @@ class ChatModule(L.LightningModule):
         (its rows' summed loss over the whole window's count, all ranks): Lightning divides the returned
         loss by ``accumulate_grad_batches``, DDP and DeepSpeed average gradients over the ranks, and
         DeepSpeed divides by ``accumulate_grad_batches`` once more. The gradient summed over the window
-        is then that of the window's loss, also for an epoch's shorter last window."""
+        is then that of the window's loss, also for an epoch's shorter last window. A non-finite share
+        stops the run or marks the window's step to be skipped (``module.nonfinite``), on every rank."""
+        self.nonfinite.check_loss(self, window_share)
         trainer = self.trainer
         scale = trainer.accumulate_grad_batches * trainer.world_size
         if trainer.strategy.handles_gradient_accumulation:
             scale *= trainer.accumulate_grad_batches
         return window_share * scale
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.check_gradients(self, optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zephyr_nonfinite"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("zephyr_nonfinite", {}))
 
     def window_metrics(self, means: dict[str, float], stage: str) -> dict[str, float]:
         """The ``train/`` or ``val/`` (``stage``) metrics from the reduced means (subclasses combine terms)."""

@@ -179,6 +179,7 @@ class DPOModule(ChatModule):
             self.strict_loading = not strategy.exclude_frozen_parameters
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if not self.dpo.ref.sync_steps:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
@@ -188,6 +189,7 @@ class DPOModule(ChatModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint without reference weights gets the rebuilt start weights (same as at start).
         (DeepSpeed restores the weights itself and hands over no ``state_dict`` here.)"""
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict")
         if state is not None and self.reference is not None and not any(k.startswith(REFERENCE_PREFIX) for k in state):
             for key, value in self.reference.state_dict().items():
