@@ -117,3 +117,24 @@ def test_cfg_job_of_the_7b_recipes_shows_zero3_bf16_two_nodes_of_eight(experimen
 def test_offload_variant_offloads_params_and_optimizer_to_cpu():
     zero = compose_config(["strategy=deepspeed_zero3_offload"]).strategy.config.zero_optimization
     assert zero.stage == 3 and zero.offload_param.device == zero.offload_optimizer.device == "cpu"
+
+
+def test_five_bad_values_get_one_message_before_any_data_or_model(make_cfg, monkeypatch):
+    """Values once checked one at a time while objects were built now all fail together, first."""
+    from zephyr_lit import run
+    from zephyr_lit.errors import ConfigError
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the config check")
+
+    monkeypatch.setattr(run, "load_tokenizer", loaded)
+    cfg = make_cfg("+experiment=ddpo", "model.name_or_path=${asset:tiny-mistral}", "model.random_init=true",
+                   "data.group_mega_batches=0", "data.max_prompt_length=300", "module.length_groups=0",
+                   "module.exact_match_batch_size=0", "module.nonfinite=maybe")
+    with pytest.raises(ConfigError) as error:
+        run.train(cfg)
+    message = str(error.value)
+    assert "\n" not in message
+    for bad in ("data.group_mega_batches=0", "data.max_prompt_length=300: must be < data.max_length=256",
+                "module.length_groups=0", "module.exact_match_batch_size=0", "module.nonfinite=maybe"):
+        assert bad in message

@@ -315,10 +315,13 @@ def test_global_batch_size_is_checked(caplog):
     with caplog.at_level(logging.INFO, logger="zephyr_lit.data.base"):
         assert datamodule.check_global_batch_size() == 64
     assert "= 64 pairs per optimizer step (= data.global_batch_size)" in caplog.text
-    with pytest.raises(ConfigError, match=r"data.max_prompt_length=1: must be >= 2"):
-        PreferenceDataModule(path="unused", max_prompt_length=1)
-    with pytest.raises(ConfigError, match=r"data.max_prompt_length=64: must be < data.max_length=64"):
-        PreferenceDataModule(path="unused", max_length=64, max_prompt_length=64)
+    from zephyr_lit.config import config_problems
+
+    ddpo = ["+experiment=ddpo", "model.name_or_path=${asset:tiny-mistral}"]
+    assert "data.max_prompt_length=1: must be >= 2 (BOS and one token) or null" in config_problems(
+        compose_config([*ddpo, "data.max_prompt_length=1"]))
+    assert any(p.startswith("data.max_prompt_length=64: must be < data.max_length=64") for p in config_problems(
+        compose_config([*ddpo, "data.max_length=64", "data.max_prompt_length=64"])))
 
 
 def test_real_data_config_composes():

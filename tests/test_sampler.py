@@ -12,10 +12,7 @@ from omegaconf import OmegaConf
 
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.data.collate import padded_length
-from zephyr_lit.data.preference import PreferenceDataModule
 from zephyr_lit.data.sampler import WindowBatchSampler
-from zephyr_lit.data.sft import SFTDataModule
-from zephyr_lit.errors import ConfigError
 from zephyr_lit.models import ModelSpec, load_tokenizer
 from tests.conftest import compose_config
 
@@ -186,9 +183,12 @@ def test_grouping_arguments_are_checked():
         WindowBatchSampler([1] * 4, batch_size=2, lengths=[1, 2, 3])
     with pytest.raises(ValueError, match="mega_batches=0"):
         WindowBatchSampler([1] * 4, batch_size=2, lengths=[1, 2, 3, 4], mega_batches=0)
-    for module in (SFTDataModule, PreferenceDataModule):
-        with pytest.raises(ConfigError, match=r"^data.group_mega_batches=0: must be >= 1$"):
-            module(path="unused", group_by_length=True, group_mega_batches=0)
+    from zephyr_lit.config import config_problems
+
+    for experiment in ("dsft", "ddpo"):
+        cfg = compose_config([f"+experiment={experiment}", "model.name_or_path=${asset:tiny-mistral}",
+                              "data.group_by_length=true", "data.group_mega_batches=0"])
+        assert "data.group_mega_batches=0: must be >= 1" in config_problems(cfg)
 
 
 # ---- the data modules and the config -----------------------------------------------------------

@@ -10,7 +10,7 @@ from zephyr_lit.data.load import looks_local
 from zephyr_lit.errors import ConfigError
 from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
-from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, check_attention
+from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, DTYPES, check_attention
 from zephyr_lit.nonfinite import POLICIES
 from zephyr_lit.schedule import SCHEDULES
 
@@ -66,6 +66,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         "trainer.max_epochs",
         "set trainer.max_epochs > 0 or trainer.max_steps > 0 (training would never end)",
     )
+    problems += data_and_module_problems(cfg)
     if "dpo" in cfg:
         problems += dpo_problems(cfg)
     problems += nonfinite_problems(cfg)
@@ -94,6 +95,36 @@ def dpo_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"dpo.ref.sync_steps={dpo.ref.sync_steps}: must be >= 1 (or null)")
     if not 0 < dpo.ref.mixup_alpha <= 1:
         problems.append(f"dpo.ref.mixup_alpha={dpo.ref.mixup_alpha}: must be in (0, 1]")
+    return problems
+
+
+def data_and_module_problems(cfg: DictConfig) -> list[str]:
+    """The data module's and the Lightning module's own values (their constructors trust them)."""
+    data, module, problems = cfg.data, cfg.module, []
+    if data.get("group_mega_batches", 1) < 1:
+        problems.append(f"data.group_mega_batches={data.group_mega_batches}: must be >= 1")
+    prompt = data.get("max_prompt_length")
+    if prompt is not None and prompt < 2:
+        problems.append(f"data.max_prompt_length={prompt}: must be >= 2 (BOS and one token) or null")
+    elif prompt is not None and prompt >= data.max_length:
+        problems.append(f"data.max_prompt_length={prompt}: must be < data.max_length={data.max_length} "
+                        "(completions of a pair over data.max_length get max_length - max_prompt_length tokens)")
+    for key in ("eval_batch_size", "pad_to_multiple_of"):
+        if data.get(key) is not None and data.get(key) < 1:
+            problems.append(f"data.{key}={data.get(key)}: must be >= 1 (or null)")
+    if data.get("num_workers", 0) < 0:
+        problems.append(f"data.num_workers={data.num_workers}: must be >= 0")
+    if module.get("length_groups", 1) < 1:
+        problems.append(f"module.length_groups={module.length_groups}: must be >= 1 (1: one padded pass per batch)")
+    for key in ("exact_match_batch_size", "exact_match_max_new_tokens"):
+        if module.get(key, 1) < 1:
+            problems.append(f"module.{key}={module.get(key)}: must be >= 1")
+    every = OmegaConf.select(cfg, "callbacks.checkpoint.every_n_train_steps")
+    if every is not None and every < 1:
+        problems.append(f"callbacks.checkpoint.every_n_train_steps={every}: must be >= 1 (or null: at validation)")
+    dtype = cfg.model.get("dtype", "float32")
+    if dtype not in DTYPES:
+        problems.append(f"model.dtype={dtype}: must be one of {', '.join(DTYPES)}")
     return problems
 
 

@@ -135,11 +135,6 @@ class ShardedDataModule(L.LightningDataModule):
         """Each training row's padded length: the tokens it makes its batch pad to."""
         raise NotImplementedError
 
-    def check_grouping(self) -> None:
-        """Called by subclasses' ``__post_init__``: the grouping settings, before any data is loaded."""
-        if self.group_mega_batches < 1:
-            raise ConfigError(f"data.group_mega_batches={self.group_mega_batches}: must be >= 1")
-
     def world(self) -> tuple[int, int, int]:
         """``(world_size, rank, accumulate_grad_batches)``; ``(1, 0, 1)`` outside a trainer."""
         trainer = self.trainer

@@ -51,7 +51,7 @@ from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX
 from zephyr_lit.data.validate import check_messages, where
-from zephyr_lit.errors import ConfigError, DataError
+from zephyr_lit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +255,6 @@ class PreferenceDataModule(ShardedDataModule):
 
     def __post_init__(self) -> None:
         self.init_lightning()
-        self.check_grouping()
-        if self.max_prompt_length is not None and self.max_prompt_length < 2:
-            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be >= 2 (BOS and one token) or null")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length}: must be < data.max_length={self.max_length} "
-                              "(completions of a pair over data.max_length get max_length - max_prompt_length tokens)")
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
         self.exact_match: list[dict] = []

@@ -91,7 +91,6 @@ class SFTDataModule(ShardedDataModule):
 
     def __post_init__(self) -> None:
         self.init_lightning()
-        self.check_grouping()
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
         self.exact_match: list[dict] = []

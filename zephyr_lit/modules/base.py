@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import PreTrainedTokenizerBase
 
-from zephyr_lit.errors import ConfigError
 from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.metric_sums import MetricSums
@@ -48,11 +47,7 @@ class ChatModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.exact_match = exact_match or []
         self.exact_match_max_new_tokens = exact_match_max_new_tokens
-        if exact_match_batch_size < 1:
-            raise ConfigError(f"module.exact_match_batch_size={exact_match_batch_size}: must be >= 1")
-        self.exact_match_batch_size = exact_match_batch_size
-        if length_groups < 1:
-            raise ConfigError(f"module.length_groups={length_groups}: must be >= 1 (1: one padded pass per batch)")
+        self.exact_match_batch_size = exact_match_batch_size  # values checked in zephyr_lit/config.py
         self.length_groups = length_groups
         self.nonfinite = NonFiniteGuard(nonfinite, max_skipped_steps)  # see zephyr_lit/nonfinite.py
         self._hf_deepspeed_config = None  # held while the models live (see zephyr_lit/zero3.py)
