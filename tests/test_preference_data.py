@@ -242,9 +242,9 @@ def embedded(hf_cache, tokenizer) -> PreferenceDataModule:
 def test_embedded_data_prepares_and_loads(embedded):
     assert embedded.summary_stats() == {
         "train_prefs": {"rows": 800, "pairs": 800, "truncated_prompts": 0, "truncated_completions": 0,
-                        "dropped_identical": 0, "dropped_no_room": 0, "dropped": 0, "completion_tokens": 26702},
+                        "dropped_identical": 0, "dropped_no_room": 0, "dropped": 0, "completion_tokens": 26702, "bad_rows": {}},
         "test_prefs": {"rows": 100, "pairs": 100, "truncated_prompts": 0, "truncated_completions": 0,
-                       "dropped_identical": 0, "dropped_no_room": 0, "dropped": 0, "completion_tokens": 3421},
+                       "dropped_identical": 0, "dropped_no_room": 0, "dropped": 0, "completion_tokens": 3421, "bad_rows": {}},
     }
     assert embedded.exact_match and embedded.train_set["index"] == list(range(800))
     batches = list(embedded.train_dataloader())

@@ -7,11 +7,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from zephyr_lit.data.load import looks_local
+from zephyr_lit.data.validate import BAD_ROWS
 from zephyr_lit.errors import ConfigError
 from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, DTYPES, check_attention
 from zephyr_lit.nonfinite import POLICIES
+from zephyr_lit.preemption import RESERVED_SIGNALS, signal_named
 from zephyr_lit.schedule import SCHEDULES
 
 
@@ -69,6 +71,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += data_and_module_problems(cfg)
     if "dpo" in cfg:
         problems += dpo_problems(cfg)
+    problems += preemption_problems(cfg)
     problems += nonfinite_problems(cfg)
     model_path = str(cfg.model.name_or_path)
     if looks_local(model_path) and not Path(model_path).expanduser().exists():
@@ -112,6 +115,10 @@ def data_and_module_problems(cfg: DictConfig) -> list[str]:
     for key in ("eval_batch_size", "pad_to_multiple_of"):
         if data.get(key) is not None and data.get(key) < 1:
             problems.append(f"data.{key}={data.get(key)}: must be >= 1 (or null)")
+    if data.get("bad_rows", "error") not in BAD_ROWS:
+        problems.append(f"data.bad_rows={data.bad_rows}: must be one of {', '.join(BAD_ROWS)}")
+    if not 0 <= data.get("max_bad_fraction", 0) < 1:
+        problems.append(f"data.max_bad_fraction={data.max_bad_fraction}: must be in [0, 1)")
     if data.get("num_workers", 0) < 0:
         problems.append(f"data.num_workers={data.num_workers}: must be >= 0")
     if module.get("length_groups", 1) < 1:
@@ -140,6 +147,28 @@ def nonfinite_problems(cfg: DictConfig) -> list[str]:
             "module.nonfinite=skip: DeepSpeed applies the step inside its engine, where a step cannot be "
             "skipped; use module.nonfinite=stop under DeepSpeed (resume from the last checkpoint with a lower lr)"
         )
+    return problems
+
+
+def preemption_problems(cfg: DictConfig) -> list[str]:
+    """``callbacks.preemption``: a signal its handler can catch (not SIGTERM, which stops without requeueing),
+    and two exit codes that tell "requeued" and "stopped" apart from success (0), errors (1) and usage errors (2)."""
+    preemption = OmegaConf.select(cfg, "callbacks.preemption")
+    if preemption is None:
+        return []
+    problems = []
+    name = preemption.get("requeue_signal")
+    if signal_named(name) in (None, *RESERVED_SIGNALS):
+        problems.append(f"callbacks.preemption.requeue_signal={name}: must name a signal a handler can catch, other "
+                        "than SIGTERM and SIGINT, e.g. SIGUSR1 (as in #SBATCH --signal=USR1@600)")
+    codes = {key: preemption.get(key) for key in ("requeue_exit_code", "stop_exit_code")}
+    for key, code in codes.items():
+        if not (isinstance(code, int) and 3 <= code <= 255):
+            problems.append(f"callbacks.preemption.{key}={code}: must be an integer in 3..255 (0 is success, 1 an "
+                            "error, 2 a usage error)")
+    if codes["requeue_exit_code"] == codes["stop_exit_code"]:
+        problems.append(f"callbacks.preemption.stop_exit_code={codes['stop_exit_code']}: must differ from "
+                        "requeue_exit_code, so that a requeued job and a stopped one can be told apart")
     return problems
 
 

@@ -120,6 +120,7 @@ def prepare_run(cfg: DictConfig) -> Run:
     model_spec = instantiate(cfg.model)
     tokenizer = load_tokenizer(model_spec)
     datamodule = instantiate(cfg.data)
+    datamodule.dropped_rows_path = output_dir / "dropped_rows.jsonl"  # with data.bad_rows=drop
     datamodule.use_tokenizer(tokenizer)
     if not is_multi_process():  # one process: tokenise now, so bad data fails before the trainer exists
         datamodule.tokenize()  # (several: Lightning's prepare_data on one of them, then setup on all)

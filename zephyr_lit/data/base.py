@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import datasets
 import lightning as L
@@ -17,7 +20,7 @@ from zephyr_lit.data.fingerprint import fingerprint
 from zephyr_lit.data.load import Split, load_split
 from zephyr_lit.data.position import ResumableLoader
 from zephyr_lit.data.sampler import WindowBatchSampler, WindowedDataset
-from zephyr_lit.data.validate import require_columns
+from zephyr_lit.data.validate import bad_row_report, require_columns
 from zephyr_lit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ class ShardedDataModule(L.LightningDataModule):
     max_train_samples: int | None
     max_eval_samples: int | None
     exact_match_path: str | None
+    bad_rows: str
+    max_bad_fraction: float
 
     def collate(self) -> Callable:
         raise NotImplementedError
@@ -88,8 +93,25 @@ class ShardedDataModule(L.LightningDataModule):
     def tokenize(self) -> None:
         """Load, check and tokenise both splits. ``datasets`` caches the result by fingerprint, so a
         second call (another process, a later run) reads the cache instead of tokenising again."""
+        self.dropped_rows = []
         self.train_set = self.build(self.load(self.train_split, self.max_train_samples), self.tokenizer)
         self.val_set = self.build(self.load(self.test_split, self.max_eval_samples), self.tokenizer)
+        if self.bad_rows == "drop" and self.dropped_rows_path is not None and self.is_first_rank():
+            write_jsonl(self.dropped_rows_path, self.dropped_rows)
+
+    def record_bad_rows(self, problems: list[str], split: Split) -> list[dict]:
+        """Called by ``build``: the split's bad rows (``data.bad_rows=drop``), checked against
+        ``data.max_bad_fraction`` and kept for ``dropped_rows.jsonl``."""
+        bad = bad_row_report(problems, len(problems), self.max_bad_fraction, split.source, split.name)
+        if bad:
+            log.warning("%s split '%s': dropped %d malformed rows of %d (data.bad_rows=drop; listed in %s)",
+                        split.source, split.name, len(bad), len(problems), self.dropped_rows_path)
+        self.dropped_rows += bad
+        return bad
+
+    def is_first_rank(self) -> bool:
+        trainer = self.trainer
+        return trainer.is_global_zero if trainer is not None else int(os.environ.get("RANK", "0")) == 0
 
     # Lightning runs prepare_data on one process per node (data.prepare_data_per_node=true, for a
     # node-local cache) or on one process in all (false, for a cache on shared storage) while the
@@ -110,6 +132,8 @@ class ShardedDataModule(L.LightningDataModule):
         L.LightningDataModule.__init__(self)
         self.prepare_data_per_node = per_node
         self.tokenizer = None
+        self.dropped_rows: list[dict] = []
+        self.dropped_rows_path: Path | None = None  # run.prepare_run: <output_dir>/dropped_rows.jsonl
 
     def load(self, split: str, limit: int | None) -> Split:
         """One split, its required columns checked, cut to ``limit`` rows when set."""
@@ -208,6 +232,14 @@ class ShardedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             generator=self.loader_generator(),
         )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines at ``path``, atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 TOKENIZED_ROWS: dict[str, int] = {}  # rows tokenised by this process, per kind (not by num_proc workers)

@@ -50,7 +50,7 @@ from zephyr_lit.data.collate import WINDOW_KEYS, pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX
-from zephyr_lit.data.validate import check_messages, where
+from zephyr_lit.data.validate import check_messages, reasons, row_problem, where
 from zephyr_lit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class PreferenceSplitStats:
     dropped_no_room: int = 0        # the prompt left no room for one completion token
     dropped: int = 0
     completion_tokens: int = 0      # chosen + rejected tokens of the kept pairs
+    bad_rows: dict[str, int] = field(default_factory=dict)  # data.bad_rows=drop: dropped, by reason
 
 
 # ---- checks --------------------------------------------------------------------------------
@@ -86,21 +87,22 @@ def check_pair(row: dict, at: str) -> tuple[list[dict], list[dict]]:
         if messages[-1]["role"] != "assistant":
             raise DataError(
                 f"{at}: field '{side}' must end with an assistant turn (the completion); "
-                f"its last turn is {messages[-1]['role']!r}"
+                f"its last turn is {messages[-1]['role']!r}", field=side, reason="no_final_assistant"
             )
         pair.append(messages)
     chosen, rejected = pair
     if len(chosen) != len(rejected):
         raise DataError(
             f"{at}: field 'rejected' has {len(rejected) - 1} prompt turns, 'chosen' has {len(chosen) - 1}: "
-            "two different prompts (chosen[:-1] must equal rejected[:-1])"
+            "two different prompts (chosen[:-1] must equal rejected[:-1])", field="rejected", reason="prompt_mismatch"
         )
     for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])):
         for key in ("role", "content"):
             if a[key] != b[key]:
                 raise DataError(
                     f"{at}: field 'rejected[{i}].{key}' differs from 'chosen[{i}].{key}': "
-                    "two different prompts (chosen[:-1] must equal rejected[:-1])"
+                    "two different prompts (chosen[:-1] must equal rejected[:-1])",
+                    field=f"rejected[{i}].{key}", reason="prompt_mismatch",
                 )
     return chosen, rejected
 
@@ -153,7 +155,7 @@ def tokenize_pair(
     if prompt != prompt_r:
         raise DataError(
             f"{at}: field 'rejected' tokenises its prompt differently from 'chosen' "
-            "(the tokenizer merges across the prompt/completion boundary)"
+            "(the tokenizer merges across the prompt/completion boundary)", field="rejected", reason="prompt_tokenisation"
         )
     return truncate_pair(prompt, chosen_ids, rejected_ids, max_length, max_prompt_length, tokenizer.bos_token_id)
 
@@ -179,21 +181,28 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
     return PairTokens(prompt, chosen[:room], rejected[:room], prompt_truncated, len(chosen) > room, len(rejected) > room)
 
 
-def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, max_prompt_length, source, split):
+def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, max_prompt_length, bad_rows,
+                   source, split):
     names = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-             "prompt_truncated", "chosen_truncated", "rejected_truncated", "drop"]
+             "prompt_truncated", "chosen_truncated", "rejected_truncated", "drop", "bad"]
     out: dict[str, list] = {name: [] for name in names}
     for chosen, rejected, index in zip(batch["chosen"], batch["rejected"], indices):
         at = where(source, split, index)
-        chosen, rejected = check_pair({"chosen": chosen, "rejected": rejected}, at)
-        if chosen[-1]["content"] == rejected[-1]["content"]:
-            tokens, drop = PairTokens([], [], [], False, False, False), "identical"
-        else:
-            tokens = tokenize_pair(chosen, rejected, tokenizer, max_length, max_prompt_length, at)
-            drop = "" if tokens.fits else "no_room"
-        for name in names[:-1]:
+        result: list[PairTokens] = []
+
+        def check(chosen=chosen, rejected=rejected, at=at) -> None:
+            chosen, rejected = check_pair({"chosen": chosen, "rejected": rejected}, at)
+            identical = chosen[-1]["content"] == rejected[-1]["content"]
+            result.append(None if identical else tokenize_pair(chosen, rejected, tokenizer, max_length,
+                                                               max_prompt_length, at))
+
+        problem = row_problem(check, bad_rows, index)
+        tokens = result[0] if result and result[0] is not None else PairTokens([], [], [], False, False, False)
+        drop = "bad" if problem else "identical" if result[0] is None else "" if tokens.fits else "no_room"
+        for name in names[:-2]:
             out[name].append(getattr(tokens, name))
         out["drop"].append(drop)
+        out["bad"].append(problem)
     return out
 
 
@@ -248,6 +257,8 @@ class PreferenceDataModule(ShardedDataModule):
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
     global_batch_size: int | None = None
+    bad_rows: str = "error"          # a malformed row: error (one line) | drop (counted, listed in dropped_rows.jsonl)
+    max_bad_fraction: float = 0.001  # with drop: more bad rows than this share of a split is an error
     stats: dict[str, PreferenceSplitStats] = field(default_factory=dict)
 
     required_columns = SIDES
@@ -262,14 +273,16 @@ class PreferenceDataModule(ShardedDataModule):
 
     def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         settings = [PREFERENCE_VERSION, split.dataset._fingerprint, tokenizer_fingerprint(tokenizer),
-                    self.max_length, self.max_prompt_length]
+                    self.max_length, self.max_prompt_length, self.bad_rows]
         tokenized = self.tokenize_split(
             split, _tokenize_rows, "preference-tokenize", settings,
             tokenizer=tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+            bad_rows=self.bad_rows,
         )
         drops = tokenized["drop"]
         stats = PreferenceSplitStats(
-            rows=len(tokenized), dropped_identical=drops.count("identical"), dropped_no_room=drops.count("no_room")
+            rows=len(tokenized), dropped_identical=drops.count("identical"), dropped_no_room=drops.count("no_room"),
+            bad_rows=reasons(self.record_bad_rows(tokenized["bad"], split)),
         )
         kept = tokenized.filter(
             lambda reasons: [not r for r in reasons], input_columns="drop", batched=True,

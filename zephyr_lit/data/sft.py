@@ -20,7 +20,7 @@ from zephyr_lit.data.collate import pad_batch
 from zephyr_lit.data.fingerprint import fingerprint, tokenizer_fingerprint
 from zephyr_lit.data.load import Split
 from zephyr_lit.data.tokenize import IGNORE_INDEX, pack_sequences, tokenize_conversation
-from zephyr_lit.data.validate import check_messages, where
+from zephyr_lit.data.validate import check_messages, reasons, row_problem, where
 from zephyr_lit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,19 @@ class SplitStats:
     truncated: int = 0
     dropped: int = 0
     label_tokens: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)  # data.bad_rows=drop: dropped, by reason
 
 
-def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, assistant_only_loss, source, split):
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": []}
+def _tokenize_rows(batch: dict, indices: list[int], *, tokenizer, max_length, assistant_only_loss, bad_rows,
+                   source, split):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_labels": [], "truncated": [], "bad": []}
     for messages, index in zip(batch["messages"], indices):
-        check_messages(messages, where(source, split, index))
+        problem = row_problem(lambda: check_messages(messages, where(source, split, index)), bad_rows, index)
+        out["bad"].append(problem)
+        if problem:
+            for name, empty in (("input_ids", []), ("labels", []), ("num_labels", 0), ("truncated", False)):
+                out[name].append(empty)
+            continue
         tokens = tokenize_conversation(messages, tokenizer, max_length, assistant_only_loss)
         out["input_ids"].append(tokens.input_ids)
         out["labels"].append(tokens.labels)
@@ -84,6 +91,8 @@ class SFTDataModule(ShardedDataModule):
     max_eval_samples: int | None = None
     exact_match_path: str | None = None
     global_batch_size: int | None = None
+    bad_rows: str = "error"          # a malformed row: error (one line) | drop (counted, listed in dropped_rows.jsonl)
+    max_bad_fraction: float = 0.001  # with drop: more bad rows than this share of a split is an error
     stats: dict[str, SplitStats] = field(default_factory=dict)
 
     required_columns = ("messages",)
@@ -97,17 +106,20 @@ class SFTDataModule(ShardedDataModule):
         self.pad_id: int | None = None
 
     def build(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
-        settings = [split.dataset._fingerprint, tokenizer_fingerprint(tokenizer), self.max_length, self.assistant_only_loss]
+        settings = [split.dataset._fingerprint, tokenizer_fingerprint(tokenizer), self.max_length, self.assistant_only_loss,
+                    self.bad_rows]
         tokenized = self.tokenize_split(
             split, _tokenize_rows, "sft-tokenize", settings,
             tokenizer=tokenizer, max_length=self.max_length, assistant_only_loss=self.assistant_only_loss,
+            bad_rows=self.bad_rows,
         )
-        stats = SplitStats(rows=len(tokenized), truncated=sum(tokenized["truncated"]))
+        bad = self.record_bad_rows(tokenized["bad"], split)
+        stats = SplitStats(rows=len(tokenized), truncated=sum(tokenized["truncated"]), bad_rows=reasons(bad))
         kept = tokenized.filter(
             lambda n: [count > 0 for count in n], input_columns="num_labels", batched=True,
             new_fingerprint=fingerprint("sft-keep", *settings),
         )
-        stats.dropped = len(tokenized) - len(kept)
+        stats.dropped = len(tokenized) - len(kept) - len(bad)  # bad rows have no label either
         if len(kept) == 0:
             raise DataError(f"{split.source} split '{split.name}': no row has a trainable token within data.max_length={self.max_length}")
         if self.packing:
