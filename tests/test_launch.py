@@ -178,6 +178,18 @@ def test_sbatch_template_matches_the_2x8_trainer(no_launcher_env):
     assert "srun --kill-on-bad-exit=1 python train.py \"$@\"" in SBATCH.read_text()
 
 
+def test_sbatch_template_warns_the_ranks_before_the_time_limit(no_launcher_env):
+    """``--signal=USR1@600``: the requeue signal of ``callbacks.preemption``, to the tasks (no ``B:``), with a lead
+    longer than a 7B ZeRO-3 save (~101.5 GB at 0.5 GB/s: ~203 s) and short against the 24 h limit."""
+    cfg = compose_with_hydra(["+experiment=zephyr-7b-beta-dsft"])
+    options = sbatch_options(SBATCH.read_text())
+    name, _, lead = options["signal"].partition("@")
+    assert "SIG" + name == cfg.callbacks.preemption.requeue_signal == "SIGUSR1"  # not B:USR1 (the batch shell)
+    hours, minutes, seconds = (int(part) for part in options["time"].split(":"))
+    assert 2 * 203 <= int(lead) <= (hours * 3600 + minutes * 60 + seconds) // 20
+    assert "requeue" in options and options["open-mode"] == "append"  # the requeued job appends to its log
+
+
 def test_slurm_launcher_submits_the_same_geometry(no_launcher_env, monkeypatch, tmp_path):
     """The sbatch script submitit writes for hydra/launcher=slurm_2x8, parameters mapped as the plugin does."""
     import submitit

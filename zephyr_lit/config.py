@@ -71,6 +71,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += data_and_module_problems(cfg)
     if "dpo" in cfg:
         problems += dpo_problems(cfg)
+    problems += timeout_problems(cfg)
     problems += preemption_problems(cfg)
     problems += nonfinite_problems(cfg)
     model_path = str(cfg.model.name_or_path)
@@ -177,3 +178,23 @@ def check_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def timeout_problems(cfg: DictConfig) -> list[str]:
+    """``strategy.timeout`` (DDP, DeepSpeed): a positive ``datetime.timedelta`` config, or null (Lightning's
+    default, 30 min). Every collective that waits longer fails on that rank."""
+    node = OmegaConf.select(cfg, "strategy.timeout") if isinstance(cfg.get("strategy"), DictConfig) else None
+    if node is None:
+        return []
+    fix = "set it as {_target_: datetime.timedelta, minutes: 30}"
+    if not isinstance(node, DictConfig) or node.get("_target_") != "datetime.timedelta":
+        return [f"strategy.timeout={node}: must be a datetime.timedelta config ({fix})"]
+    from hydra.utils import instantiate
+
+    try:
+        timeout = instantiate(node)
+    except Exception as error:  # a bad keyword: hydra's message names it
+        return [f"strategy.timeout: {error.__cause__ or error} ({fix})"]
+    if timeout.total_seconds() <= 0:
+        return [f"strategy.timeout={timeout}: must be > 0, or every collective fails at once ({fix})"]
+    return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,13 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from zephyr_lit.checkpointing import atomic_write
+
 
 class CSVMetricsLogger(Logger):
     """Rows of ``step`` plus metric columns. A metric never seen before widens the header (the file
-    is rewritten atomically then); otherwise rows are appended. No ``version_N`` folders."""
+    is rewritten atomically then: a kill leaves the old file); otherwise a row is appended as one
+    write of a whole line. No ``version_N`` folders."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
@@ -40,10 +44,23 @@ class CSVMetricsLogger(Logger):
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         header = self._header()
         if header is not None and set(row) <= set(header):
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                csv.DictWriter(handle, header).writerow(row)
+            self._append(row, header)
             return
         self._rewrite(row, header)
+
+    def _append(self, row: dict, header: list[str]) -> None:
+        """One complete line in one ``write`` call, after cutting a torn last line (a kill inside an
+        earlier write), so a resumed run never glues its first row onto half a row."""
+        line = io.StringIO()
+        csv.DictWriter(line, header).writerow(row)
+        with open(self.path, "r+b") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                handle.truncate(handle.read().rfind(b"\n") + 1)
+            handle.seek(0, os.SEEK_END)
+            handle.write(line.getvalue().encode("utf-8"))
 
     def _header(self) -> list[str] | None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -57,10 +74,7 @@ class CSVMetricsLogger(Logger):
             with open(self.path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
         columns = list(header or ["step"]) + [k for k in row if k not in (header or ["step"])]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        with atomic_write(self.path, newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, columns)
             writer.writeheader()
             writer.writerows([*rows, row])
-        os.replace(tmp, self.path)

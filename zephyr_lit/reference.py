@@ -11,7 +11,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.zero3 import is_partitioned
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,8 @@ def cache_key(*parts: object) -> str:
 
 def save_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
     """Write ``{chosen, rejected}`` (each ``(N,)`` fp32, by example index) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"chosen": chosen.cpu().float(), "rejected": rejected.cpu().float()}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save({"chosen": chosen.cpu().float(), "rejected": rejected.cpu().float()}, handle)
 
 
 def load_logps(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:

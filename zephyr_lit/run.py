@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from zephyr_lit.callbacks import Throughput, ValidateAtEdges
+from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.config import check_config
 from zephyr_lit.export import export_model, point_latest
 from zephyr_lit.launch import is_multi_process
 from zephyr_lit.models import load_tokenizer
+from zephyr_lit.preemption import Preempted, slurm_restarts
 from zephyr_lit.reference import ReferenceCache
 from zephyr_lit.zero3 import gathered_state_dict, is_partitioned
 
@@ -37,10 +38,18 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` means ``<output_dir>/checkpoints/last.ckpt`` (a fresh start when there is none yet)."""
+    """``last`` means ``<output_dir>/checkpoints/last.ckpt`` (a fresh start when there is none yet). Without a
+    ``ckpt_path``, a job that SLURM restarted (``SLURM_RESTART_COUNT`` >= 1: requeued after preemption, or after a
+    node failure) resumes from that file when it exists. An explicit ``ckpt_path`` always wins."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path is None:
+        restarts = slurm_restarts()
+        if restarts and last.exists():
+            log.info("SLURM restarted this job (SLURM_RESTART_COUNT=%d): resuming from %s", restarts, last)
+            return str(last)
+        return None
     if ckpt_path != "last":
         return ckpt_path
-    last = output_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         return str(last)
     log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
@@ -71,9 +80,10 @@ def describe(before: dict[str, float], after: dict[str, float]) -> str:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    """``summary`` as JSON at ``path``, atomically: an interrupted write leaves the old file."""
+    with atomic_write(path) as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
 
 
 def build_module(
@@ -137,7 +147,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
     trainer, module, output_dir = run.trainer, run.module, run.output_dir
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=run.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    try:
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    except Preempted as stop:  # every rank saved at a window end: no export, no summary, `latest` stays
+        if trainer.is_global_zero:
+            print(stop, flush=True)
+        raise SystemExit(stop.exit_code) from None
 
     export_dir = output_dir / "model"
     model = module.trained_model

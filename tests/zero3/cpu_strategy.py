@@ -1,4 +1,5 @@
-"""Test-only: Lightning's DeepSpeedStrategy on CPU processes (gloo), so CI exercises real ZeRO-3.
+"""Test-only: our DeepSpeed strategy (``zephyr_lit.checkpointing``) on CPU processes (gloo), so CI
+exercises real ZeRO-3.
 
 Lightning refuses a non-CUDA accelerator only in ``setup_environment`` and validates GPU indices in
 ``setup_distributed``; DeepSpeed needs ``DS_ACCELERATOR=cpu`` (set before it is imported) and a root
@@ -13,12 +14,15 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
+
+from zephyr_lit.checkpointing import DeepSpeedStrategy  # noqa: E402
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """DeepSpeedStrategy that runs ZeRO on CPU processes with the gloo backend. Not for real training."""
+    """Our DeepSpeed strategy (atomic sharded checkpoints) running ZeRO on CPU processes with the gloo
+    backend. Not for real training."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("process_group_backend", "gloo")

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -205,6 +206,7 @@ class ShardedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             generator=self.loader_generator(),
+            worker_init_fn=leave_sigterm_to_the_trainer,
         )
 
     def loader_generator(self) -> torch.Generator:
@@ -231,7 +233,15 @@ class ShardedDataModule(L.LightningDataModule):
             collate_fn=self.collate(),
             num_workers=self.num_workers,
             generator=self.loader_generator(),
+            worker_init_fn=leave_sigterm_to_the_trainer,
         )
+
+
+def leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: SLURM signals every process of a task, and a worker that died
+    of it would end the main process ("worker exited unexpectedly") before it could save its checkpoint
+    (``zephyr_lit/preemption.py``). Workers still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
