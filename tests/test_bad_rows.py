@@ -92,3 +92,23 @@ def test_preference_rows_with_two_prompts_are_dropped_and_the_run_trains(make_cf
     assert summary["data"]["train_prefs"]["pairs"] == 15 and summary["global_step"] == 2
     listed = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "dropped_rows.jsonl").read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in listed] == [(7, "rejected[0].content")]
+
+
+@pytest.mark.slow
+def test_two_ranks_drop_the_same_rows_and_one_list_is_written(tmp_path, hf_cache):
+    from tests.distributed.train_py import train_py
+
+    folder = sft_folder(tmp_path, [GOOD] * 6 + [EMPTY_REPLY, GOOD, NO_REPLY, GOOD])
+    out = tmp_path / "run"
+    code = train_py([f"paths.root={tmp_path / 'outputs'}", f"paths.output_dir={out}", f"data.cache_dir={hf_cache}",
+                     f"data.path={folder}", "data.bad_rows=drop", "data.max_bad_fraction=0.4",
+                     "data.exact_match_path=null", "data.batch_size=2", "trainer.max_steps=2", "logger=csv",
+                     "trainer.enable_progress_bar=false", "+callbacks.facts._target_=tests.distributed.data_facts.DataFacts",
+                     f"+callbacks.facts.out_dir={tmp_path / 'facts'}"], tmp_path / "run.log", ranks=2)
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    ranks = [json.loads((tmp_path / "facts" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["train_rows"] == 8 and ranks[0]["val_rows"] == 2
+    listed = [json.loads(line) for line in (out / "dropped_rows.jsonl").read_text().splitlines()]
+    assert listed == ranks[0]["dropped_rows"] and len(listed) == 3
+    assert json.loads((out / "summary.json").read_text())["data"]["train_sft"]["bad_rows"] == {
+        "empty_assistant": 1, "no_assistant": 1}

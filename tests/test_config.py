@@ -105,12 +105,15 @@ def test_cfg_job_of_the_7b_recipes_shows_zero3_bf16_two_nodes_of_eight(experimen
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     job = OmegaConf.create(result.stdout)
-    assert job.strategy._target_ == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert job.strategy._target_ == "zephyr_lit.checkpointing.DeepSpeedStrategy"  # Lightning's, saving atomically
     assert job.strategy.config.zero_optimization.stage == 3
     assert (job.trainer.precision, job.trainer.devices, job.trainer.num_nodes) == ("bf16-mixed", 8, 2)
     assert job.model.attn_implementation == "flash_attention_2" and job.model.dtype == "bfloat16"
     assert job.data.global_batch_size == global_batch(job) == (512 if experiment.endswith("dsft") else 32)
     strategy = instantiate(job.strategy)
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.zero_stage_3 and strategy.exclude_frozen_parameters and isinstance(strategy.config, dict)
 
 
