@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.data.exact_match import load_exact_match
 from zephyr_lit.data.fingerprint import fingerprint
 from zephyr_lit.data.load import Split, load_split
@@ -245,11 +246,9 @@ def leave_sigterm_to_the_trainer(worker_id: int) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSON lines at ``path``, atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    """``rows`` as JSON lines at ``path``, atomically (``zephyr_lit.checkpointing.atomic_write``)."""
+    with atomic_write(path) as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 TOKENIZED_ROWS: dict[str, int] = {}  # rows tokenised by this process, per kind (not by num_proc workers)
