@@ -36,6 +36,7 @@ import torch
 
 from tests.conftest import compose_config, odd_exact_match
 from tests.distributed.process import run_group
+from tests.distributed.train_py import max_abs_diff
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.run import train
 
@@ -128,11 +129,6 @@ def train_rows(rows: list[dict[str, float]]) -> dict[int, dict[str, float]]:
         if metrics:
             out.setdefault(int(row["step"]), {}).update(metrics)
     return out
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def check_same_training(one: dict, two: dict, start: dict[str, torch.Tensor]) -> dict[str, float]:

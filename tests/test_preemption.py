@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.distributed.process import run_group
+from tests.distributed.train_py import max_abs_diff, weights
 from tests.test_launch import clean_env
 from zephyr_lit.config import config_problems
 from zephyr_lit.preemption import NONE, REQUEUE, STOP, Preempted, Preemption, slurm_job_id, slurm_restarts
@@ -89,15 +89,6 @@ class Job:
 def signal_at(step: int, *extra: str) -> list[str]:
     return [f"+callbacks.signal._target_={SIGNAL_AT}", f"+callbacks.signal.step={step}",
             *(f"+callbacks.signal.{item}" for item in extra)]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model" / "model.safetensors")
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def assert_stopped_cleanly(run: Path, root: Path) -> None:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.distributed.train_py import train_py
+from tests.distributed.train_py import max_abs_diff, train_py, weights
 from zephyr_lit.assets import TINY_MODEL, asset_path
 
 pytestmark = pytest.mark.slow
@@ -34,15 +33,6 @@ SFT = ["+experiment=dsft", "data.max_train_samples=256", "data.batch_size=8", "d
 DPO = ["+experiment=ddpo", f"model.name_or_path={asset_path(TINY_MODEL)}", "model.random_init=true",
        "data.max_train_samples=128", "data.batch_size=4", "data.max_prompt_length=64", "data.max_length=128",
        "optim.lr=1e-3"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model" / "model.safetensors")
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def killed_and_resumed(tmp_path: Path, hf_cache: Path, case: list[str], kills: tuple[int, ...] = (3,),

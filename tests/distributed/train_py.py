@@ -1,5 +1,6 @@
 """``python train.py ...`` (or ``torchrun ... train.py`` for several CPU ranks) in its own process group,
-with a deadline, one intra-op thread per process, output appended to a log file."""
+with a deadline, one intra-op thread per process, output appended to a log file; and the comparison of
+two runs' exported weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from tests.distributed.process import run_group
 
@@ -25,3 +29,13 @@ def train_py(overrides: list[str], log: Path, ranks: int = 1, timeout: float = 3
     with open(log, "a") as handle:
         return run_group(command + overrides, timeout, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT
                          ).returncode
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The exported weights of the run folder ``run``."""
+    return load_file(run / "model" / "model.safetensors")
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
