@@ -23,10 +23,10 @@ FAST = [
 ]
 
 
-def compose_config(overrides: list[str]):
+def compose_config(overrides: list[str], config_name: str = "config"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
 @pytest.fixture(scope="session")

@@ -6,32 +6,20 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from zephyr_lit.generation import ChatRequest, Sampling, generate_with_model
 
-@torch.no_grad()
+
 def greedy_replies(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     conversations: list[list[dict]],
     max_new_tokens: int = 32,
     batch_size: int = 32,
+    synced_gpus: bool | None = None,
 ) -> list[str]:
-    """The model's greedy reply to each conversation (chat template + generation prompt, BOS once)."""
-    replies: list[str] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
-        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (B, new)
-        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return replies
+    """The model's greedy reply to each conversation, through the one generation path."""
+    requests = [ChatRequest(c, Sampling(temperature=0.0, max_new_tokens=max_new_tokens)) for c in conversations]
+    return [r.text for r in generate_with_model(model, tokenizer, requests, batch_size, synced_gpus)]
 
 
 def exact_matches(replies: list[str], answers: list[str]) -> int:
