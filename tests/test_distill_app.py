@@ -103,3 +103,27 @@ def test_the_command_line_prints_its_config_and_a_bad_key_is_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0
     assert failed.stderr.startswith("error: ") and "completions.n=9" in failed.stderr
+
+
+def test_a_local_hf_judge_runs_and_its_unreadable_replies_are_counted(tmp_path, hf_cache):
+    """judge=hf on a random-init tiny model: every reply is noise, so each aspect is asked 1 + retries
+    times and left unrated; the stage still finishes and says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from zephyr_lit.assets import asset_path
+    from zephyr_lit.chat import ZEPHYR_CHAT_TEMPLATE
+
+    folder = tmp_path / "judge"
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny-mistral"))
+    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_path("tiny-mistral"))).save_pretrained(folder)
+    questions = tmp_path / "q.txt"
+    questions.write_text("Capital of Chile?\nHow much is 2 plus 1?\n")
+    distill(cfg(tmp_path, hf_cache, f"input={questions}", "completions.n=2"))
+    rated = tmp_path / "rated"
+    counts = distill(compose_config([f"output_dir={rated}", f"cache_dir={hf_cache}", "stage=rate", f"input={tmp_path / 'out'}",
+                                     "judge=hf", f"judge.backend.name_or_path={folder}", "judge.backend.dtype=float32",
+                                     "judge.max_new_tokens=4", "judge.retries=1"], "distill"))["rate"]
+    assert counts["unrated"] == 2 * 4 and counts["parse_retries"] == 2 * 4 and counts["failed"] == 0
+    assert all(c["annotations"] is None for c in rows(rated)[0]["completions"])
