@@ -79,8 +79,8 @@ class SeededSampler(LogitsProcessor):
 
     def __init__(self, samplings: Sequence[Sampling], seeds: Sequence[int], device: torch.device) -> None:
         self.samplings = list(samplings)
-        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        self.device = device
+        # on the model's device, so the noise is drawn where the logits are (no host-to-device copy)
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float()  # (B, V)
@@ -91,8 +91,8 @@ class SeededSampler(LogitsProcessor):
             logits = scores[row] / sampling.temperature  # (V,)
             if sampling.top_p < 1.0:
                 logits = nucleus(logits, sampling.top_p)
-            uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1.0 - 1e-7)  # (V,) on CPU
-            out[row] = logits + (-torch.log(-torch.log(uniform))).to(logits.device)
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1.0 - 1e-7)
+            out[row] = logits - torch.log(-torch.log(uniform))  # (V,) + Gumbel noise
         return out
 
 
@@ -138,12 +138,13 @@ def generate_with_model(
             prompts, return_tensors="pt", padding=True, padding_side="left",
             add_special_tokens=not template_writes_bos(tokenizer, prompts[0]),
         ).to(device)
-        sampler = SeededSampler([r.sampling for r in chunk], [r.seed for r in chunk], device)
+        samples = any(r.sampling.temperature > 0 for r in chunk)  # all greedy (exact match): plain greedy search
+        sampler = [SeededSampler([r.sampling for r in chunk], [r.seed for r in chunk], device)] if samples else []
         output = model.generate(
             **inputs,
             max_new_tokens=max(r.sampling.max_new_tokens for r in chunk),
             do_sample=False,
-            logits_processor=LogitsProcessorList([sampler]),
+            logits_processor=LogitsProcessorList(sampler),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             synced_gpus=synced_gpus,

@@ -88,24 +88,23 @@ def default_input() -> str:
 
 
 def run_stage(stage: str, cfg: DictConfig, source: str, split: str | list[str] | None, folder: Path) -> dict:
-    """Run one stage from ``source`` (its ``split``s) into ``folder``; its counts."""
+    """Run one stage from ``source`` (its ``split``s) into ``folder``; its counts. The input is read
+    (and checked) before the folder is claimed and before any backend is built."""
     store = StageStore(folder, stage, stage_settings(stage, cfg, source, split))
     if stage == "completions":
         prompts, duplicates = read_prompts(source, split, cfg.cache_dir)
-        if store.open():
-            return finished(stage, store)
-        output = run_completions(prompts, [instantiate(c) for c in cfg.completions.pool], completions_settings(cfg),
-                                 cfg.seed, store)
-        output.counts["duplicates"] = duplicates
-    elif stage == "rate":
-        rows = [row for _, row in read_rated(source, split, cfg.cache_dir)]
-        if store.open():
-            return finished(stage, store)
-        output = run_rate(rows, instantiate(cfg.judge.backend), rate_settings(cfg), cfg.seed, store)
     else:
         rows = [row for _, row in read_rated(source, split, cfg.cache_dir)]
-        if store.open():
-            return finished(stage, store)
+    if store.open():
+        print(f"{stage}: {store.folder} is already complete with these settings; nothing to do")
+        return (store.manifest() or {}).get("counts", {})
+    if stage == "completions":
+        pool = [instantiate(c) for c in cfg.completions.pool]
+        output = run_completions(prompts, pool, completions_settings(cfg), cfg.seed, store)
+        output.counts["duplicates"] = duplicates
+    elif stage == "rate":
+        output = run_rate(rows, instantiate(cfg.judge.backend), rate_settings(cfg), cfg.seed, store)
+    else:
         binarized = binarize(rows, BinarizeOptions(**plain(cfg.binarize)), cfg.seed, source=source)
         output = StageOutput(binarized.splits, binarized.counts)
     failed = output.counts.get("failed", 0)
@@ -115,11 +114,6 @@ def run_stage(stage: str, cfg: DictConfig, source: str, split: str | list[str] |
         message += f"; {failed} requests failed: rerun the same command to retry them"
     print(message)
     return output.counts
-
-
-def finished(stage: str, store: StageStore) -> dict:
-    print(f"{stage}: {store.folder} is already complete with these settings; nothing to do")
-    return (store.manifest() or {}).get("counts", {})
 
 
 def distill(cfg: DictConfig) -> dict[str, dict]:

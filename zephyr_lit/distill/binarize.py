@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zephyr_lit.assets.generate import prompt_id  # sha256 hex of the prompt text, as ultrachat's
-from zephyr_lit.chat import ROLES
-from zephyr_lit.distill.inputs import conversation_key
+from zephyr_lit.distill.inputs import check_turns, conversation_key
 from zephyr_lit.distill.rubrics import ASPECTS
 from zephyr_lit.errors import ConfigError, DataError
 
@@ -131,18 +130,11 @@ def _prompt_conversation(row: dict, at: str) -> list[dict]:
             raise DataError(f"{at}: field 'instruction' must be a string when the row has no 'messages'",
                             field="instruction", reason="missing")
         return [{"role": "user", "content": row["instruction"]}]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{at}: field 'messages' must be a non-empty list of {{role, content}} messages",
-                        field="messages", reason="not_a_list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{at}: field 'messages[{i}]' must be a {{role, content}} dict with role in "
-                            f"{', '.join(ROLES)} and string content, got {m!r:.80}",
-                            field=f"messages[{i}]", reason="not_a_message")
+    messages = check_turns(messages, at, "messages")
     if messages[-1]["role"] != "user":
         raise DataError(f"{at}: field 'messages' must end with a user turn (the prompt), ends with "
                         f"{messages[-1]['role']!r}", field="messages", reason="not_a_prompt")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 def _completions(row: dict, at: str) -> list[dict]:
