@@ -64,3 +64,21 @@ def test_an_unfinished_stage_stays_open_for_a_rerun(tmp_path):
     store.finish(StageOutput({"train": []}, {"failed": 3}), complete=False)
     assert store.manifest()["status"] == "running"
     assert StageStore(tmp_path, "completions", SETTINGS).open() is False
+
+
+def test_each_rank_appends_to_its_own_part_and_reads_every_part(tmp_path):
+    main, second = StageStore(tmp_path, "dialogues", SETTINGS), StageStore(tmp_path, "dialogues", SETTINGS, rank=1)
+    assert main.check() is False and second.check() is False  # read-only: nothing claimed yet
+    assert not (tmp_path / "manifest.json").exists()
+    main.claim()
+    main.append([{"key": "a"}])
+    second.append([{"key": "b"}, {"key": "c"}])
+    with open(second.records_path, "a", encoding="utf-8") as handle:
+        handle.write('{"key": "d"')  # rank 1 killed mid-append
+    assert second.records_path.name == "records.rank1.jsonl"
+    assert [r["key"] for r in main.done()] == ["a", "b", "c"]  # the torn line is skipped, not cut, by rank 0
+    assert second.records_path.read_text().endswith('{"key": "d"')
+    assert [r["key"] for r in second.done()] == ["b", "c", "a"]  # its own part first, cut
+    assert second.records_path.read_text().endswith('"c"}\n')
+    main.finish(StageOutput({"train": []}, {}, files={"questions.txt": "one\ntwo\n"}))
+    assert (tmp_path / "questions.txt").read_text() == "one\ntwo\n" and main.check() is True

@@ -39,3 +39,23 @@ class DyingJudge(RuleJudge):
     def generate(self, requests):
         self.death.maybe_die()
         return super().generate(requests)
+
+
+class DyingHF:
+    """An ``HFBackend`` that SIGKILLs its process at its ``die_at``-th call when it runs on rank ``rank``
+    (``RANK`` / ``LOCAL_RANK`` in the environment), once (``marker``)."""
+
+    def __new__(cls, die_at: int, marker: str, rank: int = 1, **hf):
+        from zephyr_lit.distill.backends import HFBackend
+
+        backend = HFBackend(**hf)
+        here = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        if here == rank:
+            death, generate = DyingOnce(die_at, marker), backend.generate
+
+            def dying_generate(requests):
+                death.maybe_die()
+                return generate(requests)
+
+            backend.generate = dying_generate
+        return backend

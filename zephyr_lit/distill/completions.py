@@ -87,18 +87,20 @@ def with_principle(messages: Sequence[dict], principle: str) -> list[dict]:
     return [{"role": "system", "content": text}, *messages]
 
 
-def run_completions(
+def answer_prompts(
     prompts: list[Prompt], pool: Sequence[Backend], settings: CompletionsSettings, seed: int, store: StageStore
-) -> StageOutput:
-    """Answer every prompt (what ``store`` lacks); the UltraFeedback rows as split ``train``."""
-    records = {(r["key"], r["index"]): r for r in store.done()}
-    counts = {"prompts": len(prompts), "completions": 0, "resumed": len(records), "failed": 0, "cut": 0}
+) -> dict[str, int]:
+    """Answer ``prompts`` (what ``store`` lacks), appending records; this call's counts."""
+    records = {(r["key"], r["index"]) for r in store.done()}
+    counts = {"prompts": len(prompts), "resumed": 0, "failed": 0, "cut": 0}
     sampling = Sampling(settings.temperature, settings.top_p, settings.max_new_tokens)
     for start in range(0, len(prompts), settings.chunk_size):
         jobs: dict[int, list[tuple[Prompt, int, str]]] = {}
         for prompt in prompts[start : start + settings.chunk_size]:
             for index, (member, principle) in enumerate(draw(prompt, len(pool), settings, seed)):
-                if (prompt.key, index) not in records:
+                if (prompt.key, index) in records:
+                    counts["resumed"] += 1
+                else:
                     jobs.setdefault(member, []).append((prompt, index, principle))
         fresh = []
         for member, todo in sorted(jobs.items()):
@@ -115,10 +117,24 @@ def run_completions(
                 fresh.append({"key": prompt.key, "index": index, "model": pool[member].name, "principle": principle,
                               "response": reply.text, "finish_reason": reply.finish_reason})
         store.append(fresh)
-        records.update({(r["key"], r["index"]): r for r in fresh})
         log.info("completions: %d of %d prompts", min(start + settings.chunk_size, len(prompts)), len(prompts))
-    rows = [ultrafeedback_row(p, [records[(p.key, i)] for i in range(settings.n) if (p.key, i) in records])
-            for p in prompts]
+    return counts
+
+
+def completion_rows(prompts: list[Prompt], settings: CompletionsSettings, records: list[dict]) -> list[dict]:
+    """The UltraFeedback rows of ``prompts`` from every rank's ``records``, ordered by (prompt_id, key)."""
+    by_unit = {(r["key"], r["index"]): r for r in records}
+    ordered = sorted(prompts, key=lambda p: (prompt_id(p.prompt), p.key))
+    return [ultrafeedback_row(p, [by_unit[(p.key, i)] for i in range(settings.n) if (p.key, i) in by_unit])
+            for p in ordered]
+
+
+def run_completions(
+    prompts: list[Prompt], pool: Sequence[Backend], settings: CompletionsSettings, seed: int, store: StageStore
+) -> StageOutput:
+    """Answer every prompt (what ``store`` lacks) in this process; the UltraFeedback rows as split ``train``."""
+    counts = answer_prompts(prompts, pool, settings, seed, store)
+    rows = completion_rows(prompts, settings, store.done())
     counts["completions"] = sum(len(r["completions"]) for r in rows)
     return StageOutput({"train": rows}, counts)
 

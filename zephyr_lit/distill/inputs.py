@@ -91,12 +91,14 @@ def check_turns(messages: object, at: str, field: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def prompt_messages(row: dict, at: str) -> list[dict]:
-    """The prompt conversation of a row: its turns up to the last user turn, or one user turn."""
+def prompt_messages(row: dict, at: str, upto: str = "last") -> list[dict]:
+    """The prompt conversation of a row: its turns up to the ``upto`` (``last`` or ``first``) user
+    turn, or one user turn."""
     for field in ("messages", "chosen"):
         if row.get(field) is not None:
             turns = check_turns(row[field], at, field)
-            last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=None)
+            users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+            last_user = (users[-1] if upto == "last" else users[0]) if users else None
             if last_user is None:
                 raise DataError(f"{at}: field '{field}' has no user turn", field=field)
             if not turns[last_user]["content"].strip():
@@ -111,14 +113,17 @@ def prompt_messages(row: dict, at: str) -> list[dict]:
                     f"(fields: {', '.join(sorted(row))})")
 
 
-def read_prompts(path: str, split: str | list[str] | None, cache_dir: str | None = None) -> tuple[list[Prompt], int]:
-    """The distinct prompts of the input in order, and how many duplicates were merged."""
+def read_prompts(
+    path: str, split: str | list[str] | None, cache_dir: str | None = None, upto: str = "last"
+) -> tuple[list[Prompt], int]:
+    """The distinct prompts of the input in order (conversations cut after their ``upto`` user turn),
+    and how many duplicates were merged."""
     prompts: dict[str, Prompt] = {}
     duplicates = 0
     for at_split, rows in read_rows(path, split, cache_dir):
         for index, row in enumerate(rows):
             at = f"{at_split} row {index}"
-            messages = prompt_messages(row, at)
+            messages = prompt_messages(row, at, upto)
             key = conversation_key(messages)
             if key in prompts:
                 duplicates += 1

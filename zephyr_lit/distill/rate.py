@@ -134,19 +134,31 @@ def ask(judge: Backend, units: list[Unit], retries: int, counts: dict[str, int])
     return records
 
 
-def run_rate(rows: list[dict], judge: Backend, settings: RateSettings, seed: int, store: StageStore) -> StageOutput:
-    """Rate every row (what ``store`` lacks); the rows with annotations filled, as split ``train``."""
+def rate_rows(rows: list[dict], judge: Backend, settings: RateSettings, seed: int, store: StageStore) -> dict[str, int]:
+    """Rate ``rows`` (what ``store`` lacks), appending records; this call's counts."""
     keys = [conversation_key(r["messages"]) for r in rows]
-    records = {(r["key"], r["unit"]): r for r in store.done()}
-    counts = {"prompts": len(rows), "resumed": len(records), "failed": 0, "parse_retries": 0, "unrated": 0}
+    records = {(r["key"], r["unit"]) for r in store.done()}
+    counts = {"prompts": len(rows), "resumed": 0, "failed": 0, "parse_retries": 0, "unrated": 0}
     for start in range(0, len(rows), settings.chunk_size):
-        todo = [u for key, row in zip(keys[start : start + settings.chunk_size], rows[start : start + settings.chunk_size])
-                for u in units_of(key, row, settings, seed) if (key, u.name) not in records]
-        fresh = ask(judge, todo, settings.retries, counts)
-        store.append(fresh)
-        records.update({(r["key"], r["unit"]): r for r in fresh})
+        units = [u for key, row in zip(keys[start : start + settings.chunk_size], rows[start : start + settings.chunk_size])
+                 for u in units_of(key, row, settings, seed)]
+        todo = [u for u in units if (u.key, u.name) not in records]
+        counts["resumed"] += len(units) - len(todo)
+        store.append(ask(judge, todo, settings.retries, counts))
         log.info("rate: %d of %d prompts", min(start + settings.chunk_size, len(rows)), len(rows))
-    return StageOutput({"train": [rated_row(k, r, records, settings) for k, r in zip(keys, rows)]}, counts)
+    return counts
+
+
+def rated_rows(rows: list[dict], settings: RateSettings, records: list[dict]) -> list[dict]:
+    """``rows`` (in their order) with every rank's ``records`` filled in."""
+    by_unit = {(r["key"], r["unit"]): r for r in records}
+    return [rated_row(conversation_key(r["messages"]), r, by_unit, settings) for r in rows]
+
+
+def run_rate(rows: list[dict], judge: Backend, settings: RateSettings, seed: int, store: StageStore) -> StageOutput:
+    """Rate every row (what ``store`` lacks) in this process; the rows with annotations filled, as split ``train``."""
+    counts = rate_rows(rows, judge, settings, seed, store)
+    return StageOutput({"train": rated_rows(rows, settings, store.done())}, counts)
 
 
 def rated_row(key: str, row: dict, records: dict, settings: RateSettings) -> dict:

@@ -37,7 +37,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
+from zephyr_lit.assets import generate as gen
 from zephyr_lit.distill import rubrics
 from zephyr_lit.distill.facts import Fact, Reading, by_kind, facts_for, last_question, read
 from zephyr_lit.distill.rubric_text import TYPES
@@ -212,3 +214,31 @@ class RuleJudge:
             critique = f"{judged[0].reason} {judged[0].advice or 'Nothing to change.'}"
             return Reply(rubrics.format_critique(critique, judged[0].overall))
         return Reply(rubrics.format_verdict(aspect, [aspect_rating(aspect, j) for j in judged]))
+
+
+class ScriptedUser:
+    """Plays the user of the embedded default's dialogues (``stage=dialogues``). It reads the flipped
+    conversation (``dialogues.user_view``: the questions asked so far are its "assistant" turns) and asks
+    a follow-up of the opening question's kind, drawn with the request's seed among those not yet
+    asked: a follow-up wording (``generate.follow_up_items``) for sums and capitals, another question
+    of the kind otherwise. Every question it asks is one the ``courteous`` persona can answer."""
+
+    def __init__(self, name: str = "scripted-user") -> None:
+        self.name = name
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[Reply]:
+        return [self.ask(r) for r in requests]
+
+    def ask(self, request: ChatRequest) -> Reply:
+        asked = [m["content"] for m in request.messages if m["role"] == "assistant"]
+        fact = facts_for([{"role": "user", "content": asked[0]}]) if asked else None
+        if fact is None:
+            return unknown(self.name, [{"role": "user", "content": asked[0] if asked else ""}])
+        pool = follow_ups().get(fact.kind) or by_kind()[fact.kind]
+        fresh = [item.question for item in pool if item.question not in asked]
+        return Reply(random.Random(request.seed).choice(fresh))
+
+
+@cache
+def follow_ups() -> dict[str, list]:
+    return gen.follow_up_items()

@@ -3,8 +3,11 @@
 ```
 <output_dir>/manifest.json                 stage, settings (what changes the output), their hash, status
 <output_dir>/.work/records.jsonl           one JSON record per finished unit, appended and fsynced
+<output_dir>/.work/records.rank<r>.jsonl   the same for rank r > 0 when several processes generate
 <output_dir>/data/<split>-00000-of-00001.jsonl   the final splits (each written atomically)
 ```
+Each rank appends only to its own part file and reads every part (so a rerun, with any number of
+processes, skips what any rank finished); rank 0 alone writes the manifest and the final files.
 A stage asks ``done()`` for the records already written, does the rest, appends them, then
 ``finish``es. A killed stage leaves at most a torn last line, which ``done()`` cuts off; the rerun
 continues from there, and since every draw is seeded by the record's key (never by a running RNG),
@@ -17,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zephyr_lit.checkpointing import atomic_write
@@ -55,32 +58,43 @@ def differing_keys(old: object, new: object, prefix: str = "") -> list[str]:
 
 @dataclass
 class StageOutput:
-    """What a stage made: its splits (``split -> rows``) and its counts (written to the manifest)."""
+    """What a stage made: its splits (``split -> rows``), its counts (written to the manifest) and any
+    other files (``name -> text``, e.g. ``questions.txt``), written next to ``data/``."""
 
     splits: dict[str, list[dict]]
     counts: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class StageStore:
     """The output folder of one stage run. ``settings`` are the output-affecting settings (JSON-able)."""
 
-    def __init__(self, folder: str | os.PathLike, stage: str, settings: Mapping) -> None:
+    def __init__(self, folder: str | os.PathLike, stage: str, settings: Mapping, rank: int = 0) -> None:
         self.folder = Path(folder)
         self.stage = stage
         self.settings = json.loads(json.dumps(output_settings(settings), sort_keys=True, default=str))
         self.hash = settings_hash(self.settings)
-        self.records_path = self.folder / ".work" / "records.jsonl"
+        name = "records.jsonl" if rank == 0 else f"records.rank{rank}.jsonl"
+        self.records_path = self.folder / ".work" / name
         self.manifest_path = self.folder / "manifest.json"
 
     def open(self) -> bool:
-        """Claim the folder; True when it already holds this stage's finished output (nothing to do).
-        A folder written by another stage or under other settings: ConfigError naming what differs."""
+        """Claim the folder (``check`` then ``claim``): True when it already holds this stage's finished
+        output (nothing to do). Several ranks: each ``check``s, then rank 0 alone ``claim``s."""
+        if self.check():
+            return True
+        self.claim()
+        return False
+
+    def check(self) -> bool:
+        """Read-only: True when the folder holds this stage's finished output, False when it is new or
+        this stage's own unfinished one. Another stage's, or other settings': ConfigError naming what
+        differs; files without a manifest: ConfigError."""
         manifest = self.manifest()
         if manifest is None:
-            if self.folder.is_dir() and any(p.name != ".hydra" and not p.name.endswith(".log") for p in self.folder.iterdir()):
+            if self.folder.is_dir() and any(p.name not in (".hydra", ".work") and not p.name.endswith(".log")
+                                            for p in self.folder.iterdir()):
                 raise ConfigError(f"output_dir {self.folder} holds files but no manifest.json; use an empty or new folder")
-            self.records_path.parent.mkdir(parents=True, exist_ok=True)
-            self.write_manifest("running")
             return False
         if manifest.get("stage") != self.stage or manifest.get("hash") != self.hash:
             what = (
@@ -92,6 +106,12 @@ class StageStore:
                 "or use another output_dir"
             )
         return manifest.get("status") == "complete"
+
+    def claim(self) -> None:
+        """Make the work folder and mark the stage running (a new folder gets its manifest)."""
+        self.records_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.manifest() is None:
+            self.write_manifest("running")
 
     def manifest(self) -> dict | None:
         if not self.manifest_path.is_file():
@@ -107,15 +127,22 @@ class StageStore:
             handle.write("\n")
 
     def done(self) -> list[dict]:
-        """The records written so far, in order; a torn last line (a kill mid-append) is cut off."""
-        if not self.records_path.is_file():
-            return []
-        data = self.records_path.read_bytes()
-        whole = data[: data.rfind(b"\n") + 1]
-        if len(whole) != len(data):
-            with open(self.records_path, "r+b") as handle:
-                handle.truncate(len(whole))
-        return [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+        """The records written so far by every rank: this rank's part first, then the others' in rank
+        order, each in the order written. A torn last line (a kill mid-append) is cut off this rank's
+        part and skipped in the others' (their own rank cuts it)."""
+        parts = sorted(self.records_path.parent.glob("records*.jsonl"), key=part_order)
+        parts = [self.records_path] + [p for p in parts if p != self.records_path]
+        records = []
+        for path in parts:
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if path == self.records_path and len(whole) != len(data):
+                with open(path, "r+b") as handle:
+                    handle.truncate(len(whole))
+            records += [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+        return records
 
     def append(self, records: Iterable[dict]) -> None:
         """Append ``records`` as JSON lines, in one write, flushed to disk before returning."""
@@ -133,7 +160,16 @@ class StageStore:
         status ``running``: the same command then retries what is missing."""
         for split, rows in output.splits.items():
             write_split(self.folder, split, rows)
+        for name, text in output.files.items():
+            with atomic_write(self.folder / name) as handle:
+                handle.write(text)
         self.write_manifest("complete" if complete else "running", output.counts)
+
+
+def part_order(path: Path) -> int:
+    """0 for ``records.jsonl``, r for ``records.rank<r>.jsonl``."""
+    middle = path.name[len("records"): -len(".jsonl")]
+    return int(middle[len(".rank"):]) if middle.startswith(".rank") else 0
 
 
 def split_path(folder: Path, split: str) -> Path:
