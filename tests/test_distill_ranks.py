@@ -92,8 +92,8 @@ def test_a_killed_rank_ends_the_run_and_the_rerun_with_two_processes_ends_with_t
     one_process, chatty_model, seeds, tmp_path
 ):
     out, marker = tmp_path / "killed", tmp_path / "died"
-    dying = (f"dialogues.assistant.backend._target_=tests.distill.dying.DyingHF",
-             f"+dialogues.assistant.backend.die_at=5", f"+dialogues.assistant.backend.marker={marker}")
+    dying = ("dialogues.assistant.backend._target_=tests.distill.dying.DyingHF",
+             "+dialogues.assistant.backend.die_at=5", f"+dialogues.assistant.backend.marker={marker}")
     first = dialogues(chatty_model, seeds, out, *dying, devices=2)
     assert marker.exists() and first.returncode != 0  # rank 1 died; rank 0 did not wait for ever
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"

@@ -1,6 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom: a short dSFT run and a short dDPO run from its export
 (parameters injected the papermill way), the model card's chat with each export, the dSFT loss plot and
-the dDPO reward plot, with every file written under pytest's tmp folder."""
+the dDPO reward plot, and the embedded distil pipeline, with every file written under pytest's tmp folder."""
 
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ def test_quickstart_notebook_runs(tmp_path, hf_cache, monkeypatch):
     assert "dDPO summary: 40 optimizer steps" in text, text[-3000:]
     assert re.search(r"^val/rewards/margins +-?0 +-?[\d.e+-]+$", text, re.M), text[-3000:]  # policy == reference at step 0
     assert "dDPO, with the pirate system prompt:" in text, text[-3000:]
+    assert re.search(r"^distilled dialogues: seeds 19\d, dialogues 19\d", text, re.M), text[-3000:]
+    assert "distilled binarize:" in text and "a dialogue:" in text and "chosen   (" in text, text[-3000:]
+    for folder in ("sft", "completions", "rated", "prefs"):
+        assert (root / "distilled" / folder / "manifest.json").is_file(), folder
     for stage in ("dsft", "ddpo"):
         assert (root / stage / "latest" / "model" / "model.safetensors").is_file(), stage
         assert (root / stage / "latest" / "metrics.csv").is_file(), stage

@@ -23,12 +23,21 @@ def _asset(name: str) -> str:
     return asset_path(name)
 
 
+def _smollm2(which: str) -> str:
+    from zephyr_lit.distill.smollm2 import smollm2_part
+
+    return smollm2_part(which)
+
+
 def register_resolvers() -> None:
     """``${asset:tiny-mistral}``: absolute path of a file shipped in ``zephyr_lit/assets``.
+    ``${smollm2:folder}`` / ``${smollm2:file}``: the installed SmolLM2-135M-Instruct GGUF (``distill/smollm2.py``).
     ``${run_stamp:}``: the run folder's name, the same on every rank (see ``zephyr_lit.launch``); cached
     in the config like ``${now:}``, so a sweep's jobs (submitit's too) see the value their sweep used."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
+    if not OmegaConf.has_resolver("smollm2"):
+        OmegaConf.register_new_resolver("smollm2", _smollm2)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", lambda: run_stamp(), use_cache=True)
 

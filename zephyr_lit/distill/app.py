@@ -21,7 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from zephyr_lit.distill.binarize import BinarizeOptions, binarize, binarize_problems
-from zephyr_lit.distill.completions import CompletionsSettings, answer_prompts, completion_rows, completions_problems
+from zephyr_lit.distill.completions import (CompletionsSettings, answer_prompts, completion_rows, completions_problems,
+                                            first_prompts)
 from zephyr_lit.distill.dialogues import DialoguesSettings, Speaker, dialogue_splits, dialogues_problems, write_dialogues
 from zephyr_lit.distill.inputs import read_prompts, read_rated
 from zephyr_lit.distill.ranks import Ranks, distributed_problems, run_shared, single_process_only, start_ranks
@@ -134,6 +135,9 @@ def read_input(stage: str, cfg: DictConfig, source: str, split: object) -> tuple
     """The stage's input items (prompts or rated rows), checked, and counts of what was merged."""
     if stage in FIRST_STAGES:
         prompts, duplicates = read_prompts(source, split, cfg.cache_dir, upto="first" if stage == "dialogues" else "last")
+        if stage == "completions":
+            kept = first_prompts(prompts, completions_settings(cfg).max_prompts)
+            return kept, {"duplicates": duplicates, "left_out": len(prompts) - len(kept)}
         if stage == "dialogues" and cfg.dialogues.test_size >= len(prompts):
             raise DataError(f"{source}: dialogues.test_size={cfg.dialogues.test_size} but the input has only "
                             f"{len(prompts)} seed questions; lower dialogues.test_size")

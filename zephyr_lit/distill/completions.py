@@ -50,6 +50,7 @@ class CompletionsSettings:
     top_p: float = 1.0
     max_new_tokens: int = 512
     chunk_size: int = 64  # prompts per round of backend calls (and per append)
+    max_prompts: int | None = None  # answer only this many prompts: the first by (prompt_id, key), None: all
 
 
 def completions_problems(settings: CompletionsSettings, pool_size: int) -> list[str]:
@@ -66,7 +67,18 @@ def completions_problems(settings: CompletionsSettings, pool_size: int) -> list[
         problems.append("completions.principles: the weights must add up to more than 0")
     if settings.chunk_size < 1:
         problems.append(f"completions.chunk_size={settings.chunk_size} must be at least 1")
+    if settings.max_prompts is not None and settings.max_prompts < 1:
+        problems.append(f"completions.max_prompts={settings.max_prompts} must be at least 1 (or null: all)")
     return problems
+
+
+def first_prompts(prompts: list[Prompt], max_prompts: int | None) -> list[Prompt]:
+    """All of ``prompts``, or the ``max_prompts`` first by (prompt_id, key): a subset that does not
+    depend on the input's order (sha256 order is as good as a shuffle)."""
+    if max_prompts is None or max_prompts >= len(prompts):
+        return prompts
+    chosen = {p.key for p in sorted(prompts, key=lambda p: (prompt_id(p.prompt), p.key))[:max_prompts]}
+    return [p for p in prompts if p.key in chosen]
 
 
 def draw(prompt: Prompt, pool_size: int, settings: CompletionsSettings, seed: int) -> list[tuple[int, str]]:
