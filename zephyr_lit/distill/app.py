@@ -112,11 +112,9 @@ def distill_problems(cfg: DictConfig) -> list[str]:
 def stage_settings(stage: str, cfg: DictConfig, source: str, split: object) -> dict:
     """What changes a stage's output (the manifest's hash leaves out the runtime keys)."""
     common = {"input": source, "input_split": split, "seed": cfg.seed}
-    section = {"instructions": "instructions", "dialogues": "dialogues", "completions": "completions",
-               "binarize": "binarize"}
     if stage == "rate":
         return {**common, "judge": plain(cfg.judge), "rate": plain(cfg.rate)}
-    return {**common, stage: plain(cfg[section[stage]])}
+    return {**common, stage: plain(cfg[stage])}  # each other stage's section has its name
 
 
 def default_input(stage: str) -> tuple[str, str | list[str] | None]:
