@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,36 @@ def compose_config(overrides: list[str], config_name: str = "config"):
 def hf_cache(tmp_path_factory) -> Path:
     """One datasets cache for the whole session, away from the user's ~/.cache."""
     return tmp_path_factory.mktemp("hf-datasets-cache")
+
+
+@dataclass(frozen=True)
+class TrainedRecipe:
+    """A finished run of a shipped embedded recipe: ``root`` is its ``paths.root``, ``model`` its export."""
+
+    root: Path
+    model: Path
+    summary: dict
+
+
+def train_recipe(experiment: str, root: Path, hf_cache: Path, *overrides: str) -> TrainedRecipe:
+    """``python train.py +experiment=<experiment> paths.root=<root>`` as shipped (CSV logging, no progress bar)."""
+    from zephyr_lit.run import train
+
+    summary = train(compose_config([f"+experiment={experiment}", f"paths.root={root}", f"data.cache_dir={hf_cache}",
+                                    "logger=csv", "trainer.enable_progress_bar=false", *overrides]))
+    return TrainedRecipe(root, Path(summary["export_dir"]), summary)
+
+
+@pytest.fixture(scope="session")
+def embedded_dsft(tmp_path_factory, hf_cache) -> TrainedRecipe:
+    """The shipped ``+experiment=dsft`` recipe, trained once per session (about 2 minutes on 2 cores) for
+    every slow test that starts from the embedded dSFT export. Tests start from ``embedded_dsft.model``
+    with a ``paths.root`` of their own; only the recipe test runs ``+experiment=ddpo`` under ``root``, as a
+    user would. Nothing may write under ``root/dsft``."""
+    root = tmp_path_factory.mktemp("embedded-dsft")
+    recipe = train_recipe("dsft", root, hf_cache)
+    assert json.loads((root / "dsft" / "latest" / "summary.json").read_text())["export_dir"] == str(recipe.model)
+    return recipe
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """notebooks/quickstart.ipynb runs top to bottom: a short dSFT run and a short dDPO run from its export
 (parameters injected the papermill way), the model card's chat with each export, the dSFT loss plot and
-the dDPO reward plot, and the embedded distil pipeline, with every file written under pytest's tmp folder."""
+the dDPO reward plot, the embedded distil pipeline, and the MT-Bench-style table and chart of both exports,
+with every file written under pytest's tmp folder."""
 
 from __future__ import annotations
 
@@ -62,11 +63,16 @@ def test_quickstart_notebook_runs(tmp_path, hf_cache, monkeypatch):
     assert "dDPO, with the pirate system prompt:" in text, text[-3000:]
     assert re.search(r"^distilled dialogues: seeds 19\d, dialogues 19\d", text, re.M), text[-3000:]
     assert "distilled binarize:" in text and "a dialogue:" in text and "chosen   (" in text, text[-3000:]
+    assert "MT-Bench-style scores (1-10), judge rule:" in text, text[-3000:]
+    assert re.search(r"^overall +[\d.]+ +[\d.]+$", text, re.M), text[-3000:]  # dsft and ddpo side by side
+    evaluated = root / "evaluate" / "mt_bench"
+    assert sorted(p.name for p in (evaluated / "model_answer").iterdir()) == ["ddpo.jsonl", "dsft.jsonl"]
+    assert (evaluated / "rule_results.csv").read_text().startswith("score,")
     for folder in ("sft", "completions", "rated", "prefs"):
         assert (root / "distilled" / folder / "manifest.json").is_file(), folder
     for stage in ("dsft", "ddpo"):
         assert (root / stage / "latest" / "model" / "model.safetensors").is_file(), stage
         assert (root / stage / "latest" / "metrics.csv").is_file(), stage
     figures = [o for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
-    assert len(figures) >= 2, f"{len(figures)} figure(s); expected the dSFT loss and the dDPO reward plots"
+    assert len(figures) >= 3, f"{len(figures)} figure(s); expected the dSFT loss, dDPO reward and MT-Bench plots"
     assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before, "the notebook wrote into notebooks/"

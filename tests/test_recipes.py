@@ -1,15 +1,16 @@
-"""The README's promises, checked on the embedded recipes as shipped (about 2 minutes):
+"""The README's promises, checked on the embedded recipes as shipped (about 3 minutes, slow-marked; the
+dSFT run is the session's shared ``embedded_dsft``):
 `+experiment=dsft` halves the held-out loss and its export answers the Zephyr model card's pirate
 prompt in pirate voice; `+experiment=ddpo` then ranks held-out chosen replies above rejected ones."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import pipeline, set_seed
 
 from zephyr_lit.assets import sounds_like_pirate
-from zephyr_lit.run import train
-from tests.conftest import compose_config
+from tests.conftest import train_recipe
 
 PIRATE = {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"}
 QUESTION = {"role": "user", "content": "How many helicopters can a human eat in one sitting?"}
@@ -22,25 +23,21 @@ def sample_replies(pipe, messages: list[dict], n: int = 10) -> list[str]:
     return [o[0]["generated_text"][len(prompt):] for o in outputs]
 
 
-def run_recipe(experiment: str, root, hf_cache) -> dict:
-    return train(compose_config([f"+experiment={experiment}", f"paths.root={root}", f"data.cache_dir={hf_cache}",
-                                 "logger=csv", "trainer.enable_progress_bar=false"]))
-
-
-def test_dsft_then_ddpo_recipes(tmp_path, hf_cache):
-    summary = run_recipe("dsft", tmp_path, hf_cache)
+@pytest.mark.slow
+def test_dsft_then_ddpo_recipes(tmp_path, hf_cache, embedded_dsft):
+    summary = embedded_dsft.summary
     before, after = summary["initial_metrics"]["val/loss"], summary["metrics"]["val/loss"]
     assert after <= 0.5 * before, (before, after)
     assert summary["metrics"]["val/exact_match"] >= 0.5
 
-    pipe = pipeline("text-generation", model=str(tmp_path / "dsft" / "latest" / "model"), dtype=torch.float32)
+    pipe = pipeline("text-generation", model=str(embedded_dsft.root / "dsft" / "latest" / "model"), dtype=torch.float32)
     set_seed(0)
     pirate = sample_replies(pipe, [PIRATE, QUESTION])
     plain = sample_replies(pipe, [QUESTION])
     assert sum(map(sounds_like_pirate, pirate)) >= 8, pirate
     assert sum(map(sounds_like_pirate, plain)) <= 2, plain
 
-    ddpo = run_recipe("ddpo", tmp_path, hf_cache)  # starts from dsft/latest under the same root
+    ddpo = train_recipe("ddpo", embedded_dsft.root, hf_cache).summary  # starts from dsft/latest under the same root
     assert ddpo["initial_metrics"]["val/rewards/margins"] == 0.0  # policy == reference before step 1
     assert ddpo["metrics"]["val/rewards/accuracies"] >= 0.9
     assert ddpo["metrics"]["val/rewards/margins"] > 0

@@ -1,4 +1,5 @@
-"""A CSV logger with one fixed file, ``<output_dir>/metrics.csv``, that a resumed run appends to."""
+"""A CSV logger with one fixed file, ``<output_dir>/metrics.csv``, that a resumed run appends to, and
+``append_lines``, the append that never leaves half a line (also used by ``generations.jsonl``)."""
 
 from __future__ import annotations
 
@@ -49,18 +50,9 @@ class CSVMetricsLogger(Logger):
         self._rewrite(row, header)
 
     def _append(self, row: dict, header: list[str]) -> None:
-        """One complete line in one ``write`` call, after cutting a torn last line (a kill inside an
-        earlier write), so a resumed run never glues its first row onto half a row."""
         line = io.StringIO()
         csv.DictWriter(line, header).writerow(row)
-        with open(self.path, "r+b") as handle:
-            end = handle.seek(0, os.SEEK_END)
-            handle.seek(end - 1)
-            if handle.read(1) != b"\n":
-                handle.seek(0)
-                handle.truncate(handle.read().rfind(b"\n") + 1)
-            handle.seek(0, os.SEEK_END)
-            handle.write(line.getvalue().encode("utf-8"))
+        append_lines(self.path, line.getvalue())
 
     def _header(self) -> list[str] | None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -78,3 +70,18 @@ class CSVMetricsLogger(Logger):
             writer = csv.DictWriter(handle, columns)
             writer.writeheader()
             writer.writerows([*rows, row])
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Append ``text`` (whole lines, ending in ``\\n``) to ``path`` in one ``write`` call, after cutting a
+    torn last line (a kill inside an earlier write), so a resumed run never glues its first line onto
+    half a line. Creates ``path`` when it is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        if end:
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                handle.truncate(handle.read().rfind(b"\n") + 1)
+        handle.write(text.encode("utf-8"))

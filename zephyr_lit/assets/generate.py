@@ -53,7 +53,8 @@ MODEL_MAX_LENGTH = 1024
 SFT_DIR = "data/ultrachat_tiny"
 PREF_DIR = "data/ultrafeedback_tiny"
 MODEL_DIR = "tiny-mistral"
-GENERATED = (SFT_DIR, PREF_DIR, MODEL_DIR)  # folders this script owns and rewrites
+EVAL_DIR = "data/eval"  # eval_sets.py: MT-Bench and AlpacaEval question files, judge prompts
+GENERATED = (SFT_DIR, PREF_DIR, MODEL_DIR, EVAL_DIR)  # folders this script owns and rewrites
 
 # ---------------------------------------------------------------------------------------------
 # Content tables
@@ -1198,14 +1199,27 @@ def main(out_dir: Path | None = None) -> Path:
     for name, rows in splits.items():
         write_jsonl(out / shard(SFT_DIR if name.endswith("sft") else PREF_DIR, name), (r.data for r in rows))
     write_jsonl(out / SFT_DIR / "exact_match.jsonl", exact_match_rows(splits["test_sft"]))
+    from zephyr_lit.assets.eval_sets import write_eval_sets  # it reads the questions back through distill.facts
+
+    write_eval_sets(out, splits["test_sft"], seed=SEED)
     # The tokenizer is fitted on the splits as drawn before the test splits were restricted to
     # trained facts, so that restricting them left its vocabulary and ids (which tests and
     # checkpoints pin) unchanged. Those splits hold every trained text and the same kind of text
     # (train_prefs as first drawn, before ``covering_prefs`` swapped rows in: same kinds of text).
     tokenizer = build_tokenizer(tokenizer_corpus(build_splits(restrict_tests=False)))
     tokenizer.save_pretrained(out / MODEL_DIR)
-    build_config(len(tokenizer)).save_pretrained(out / MODEL_DIR)
+    write_model_config(build_config(len(tokenizer)), out / MODEL_DIR)
     return out
+
+
+def write_model_config(config, folder: Path) -> None:
+    """``config.json`` as ``save_pretrained`` writes it, less ``transformers_version``: the shipped file must
+    not change with the installed transformers release (the test compares it byte for byte)."""
+    config.save_pretrained(folder)
+    path = folder / "config.json"
+    values = json.loads(path.read_text())
+    values.pop("transformers_version", None)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def cli(argv: list[str] | None = None) -> None:

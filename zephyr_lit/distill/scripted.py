@@ -15,7 +15,12 @@ Personas (``ScriptedBackend(persona)``), in the asked voice unless said otherwis
 - ``rude``: a dismissive non-answer drawn with the seed (``RUDE``), plain voice;
 - ``off_topic``: the reference reply of a question of another kind, drawn with the seed.
 
-The rule judge (``RuleJudge``) reads each text with ``facts.read`` and rates it by this table
+The rule judge (``RuleJudge``) also grades the evaluation prompts of the shipped judge prompt file
+(``assets/data/eval/judge_prompts.jsonl``, read back with ``judge_templates.read_back``): a 1-10 grade
+``[[N]]`` of the last answer (turn 2 for a multi-turn prompt) as the critique's overall score below, and
+for a comparison ``[[A]]``, ``[[B]]`` or ``[[C]]`` (a tie) by the two answers' overall scores.
+
+The rule judge reads each text with ``facts.read`` and rates it by this table
 (``RULES``); "voice" is pirate or plain, as the system prompt asks:
 
 =============================================  ==  =======  ==============  ==============
@@ -39,9 +44,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
+from zephyr_lit.assets import asset_path
 from zephyr_lit.assets import generate as gen
+from zephyr_lit.assets.eval_sets import JUDGE_PROMPTS
 from zephyr_lit.distill import rubrics
 from zephyr_lit.distill.facts import Fact, Reading, by_kind, facts_for, last_question, read
+from zephyr_lit.distill.judge_templates import (TIE, JudgePrompt, format_choice, format_rating, load_judge_prompts,
+                                                read_back)
 from zephyr_lit.distill.rubric_text import TYPES
 from zephyr_lit.errors import ConfigError
 from zephyr_lit.generation import ChatRequest, Reply
@@ -205,7 +214,9 @@ class RuleJudge:
             else:
                 aspect, prompt, texts = rubrics.read_rating_request(messages)
         except ValueError as e:
-            return Reply("", "error", error=f"{self.name}: not a rating or critique request ({e})")
+            graded = grade_eval_request(messages, self.name)
+            why = f"{self.name}: not a rating or critique request ({e}), nor an evaluation prompt it knows"
+            return graded or Reply("", "error", error=why)
         fact = facts_for(prompt)
         if fact is None:
             return unknown(self.name, prompt)
@@ -214,6 +225,31 @@ class RuleJudge:
             critique = f"{judged[0].reason} {judged[0].advice or 'Nothing to change.'}"
             return Reply(rubrics.format_critique(critique, judged[0].overall))
         return Reply(rubrics.format_verdict(aspect, [aspect_rating(aspect, j) for j in judged]))
+
+
+@cache
+def eval_prompts() -> tuple[JudgePrompt, ...]:
+    return tuple(load_judge_prompts(asset_path(JUDGE_PROMPTS)).values())
+
+
+def grade_eval_request(messages: list[dict], who: str) -> Reply | None:
+    """The rule judge's reply to a prompt of the shipped judge prompt file; None for any other text."""
+    for prompt in eval_prompts():
+        fields = read_back(prompt, messages)
+        if fields is None:
+            continue
+        turn = "_2" if "answer_2" in fields else ""  # a multi-turn prompt grades the second answer
+        question = [{"role": "user", "content": fields[f"question{turn}"]}]
+        fact = facts_for(question)
+        if fact is None:
+            return unknown(who, question)
+        if prompt.type == "pairwise":
+            a, b = judge(fact, fields["answer_a"]), judge(fact, fields["answer_b"])
+            choice = "A" if a.overall > b.overall else "B" if b.overall > a.overall else TIE
+            return Reply(format_choice(f"Reply A: {a.reason} Reply B: {b.reason}", choice))
+        graded = judge(fact, fields[f"answer{turn}"])
+        return Reply(format_rating(f"{graded.reason} {graded.advice}".strip(), graded.overall))
+    return None
 
 
 class ScriptedUser:

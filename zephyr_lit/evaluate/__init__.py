@@ -1,0 +1,1 @@
+"""``python -m zephyr_lit.evaluate``: MT-Bench and AlpacaEval answers and judging, preference accuracy."""
