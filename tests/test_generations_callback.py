@@ -171,3 +171,14 @@ def test_two_ranks_write_each_validation_once_with_the_exported_models_replies(t
     rows = logged(run)
     assert [step for step, _ in rows] == [0] * 4 + [2] * 4  # rank 0 alone wrote
     assert [reply for _, reply in rows[4:]] == export_replies(run)
+
+
+def test_bad_callback_settings_fail_with_the_rest_of_the_config_before_the_tokenizer(tmp_path, hf_cache):
+    from zephyr_lit.errors import ConfigError
+    from zephyr_lit.run import train
+
+    cfg = compose_config([f"paths.root={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", f"data.cache_dir={hf_cache}",
+                          "callbacks.generations.num_prompts=0", "optim.lr=0", "model.tokenizer_name_or_path=/nowhere"])
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    assert "callbacks.generations.num_prompts=0" in str(error.value) and "optim.lr=0" in str(error.value)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from zephyr_lit.data.load import looks_local
 from zephyr_lit.data.validate import BAD_ROWS
 from zephyr_lit.errors import ConfigError
+from zephyr_lit.generations_log import generations_problems
 from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, DTYPES, check_attention
@@ -83,6 +84,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += timeout_problems(cfg)
     problems += preemption_problems(cfg)
     problems += nonfinite_problems(cfg)
+    problems += generations_problems(OmegaConf.select(cfg, "callbacks.generations"))
     model_path = str(cfg.model.name_or_path)
     if looks_local(model_path) and not Path(model_path).expanduser().exists():
         fix = "run `python train.py +experiment=dsft` first, or set model.name_or_path" if "dsft" in model_path \
