@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.process import run_group
+
 ROOT = Path(__file__).resolve().parents[1]
 LEAN = ["max_questions=3", "max_new_tokens=4", "answers.backend.batch_size=4"]
 
@@ -36,7 +38,7 @@ def lines(path: Path) -> list[dict]:
 
 def evaluate_cli(*overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "zephyr_lit.evaluate", *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_group(command, cwd=ROOT, capture_output=True, text=True, timeout=300)  # a timeout ends its whole group
 
 
 @pytest.mark.slow
