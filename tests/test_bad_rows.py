@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import zephyr_lit.modules.dpo as dpo_module
-import zephyr_lit.modules.sft as sft_module
+import zephyr_lit.adapters as adapters
 from tests.test_bad_input import GOOD, write_split
 from zephyr_lit.assets import TINY_MODEL, asset_path
 from zephyr_lit.errors import DataError
@@ -36,9 +36,9 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
 
 @pytest.fixture
 def no_model(monkeypatch):
-    def refuse(spec):
+    def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the data was checked")
-    monkeypatch.setattr(sft_module, "build_model", refuse)
+    monkeypatch.setattr(adapters, "build_model", refuse)  # every trained model is built there
     monkeypatch.setattr(dpo_module, "build_model", refuse)
 
 

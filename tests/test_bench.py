@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 from zephyr_lit.bench.cases import CASES, select_cases
 from zephyr_lit.bench.cli import plan_runs
@@ -181,3 +183,70 @@ def test_targets_pick_the_fastest_case_of_each_side_and_check_memory():
     assert "DPO pairs/s, our best settings vs TRL default" not in checks  # case not run
     text = format_targets(list(checks.values()))
     assert "MISSED DPO pairs/s, equal settings, precomputed reference: 1.20x, target >= 1.3x" in text
+
+
+# ---- the LoRA case ------------------------------------------------------------------------------------------------
+TINY_LORA = Workload(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=512, lora_r=4)
+
+
+def test_the_lora_case_gives_both_sides_the_same_adapter():
+    from zephyr_lit.bench.lora import TARGETS, ours_overrides
+
+    case = select_cases(["dpo-lora"])[0]
+    assert case in select_cases(["dpo"]) and case.same_batches
+    assert case.ours["peft"] == case.trl["peft"] == "lora" and not case.trl["ref_model"]  # the adapter-off reference
+    assert ours_overrides(TINY_LORA) == ["peft=lora", "peft.r=4", "peft.alpha=16.0", "peft.dropout=0.0",
+                                         f"peft.target_modules=[{','.join(TARGETS)}]", "peft.lr_scale=1.0"]
+
+
+def test_the_lora_init_is_seeded_and_lands_once_in_a_peft_model():
+    """2 layers x 7 linears x (A, B) = 28 tensors; A (r, d_in) within 1/sqrt(d_in), B (d_out, r) within
+    0.1/sqrt(r); the same seed gives the same values, and they replace every adapter value of a peft model."""
+    from peft import get_peft_model
+
+    from zephyr_lit.bench.lora import lora_init, load_lora_init, trl_peft_config
+
+    values = lora_init(TINY_LORA)
+    assert len(values) == 28 and all(torch.equal(v, lora_init(TINY_LORA)[k]) for k, v in values.items())
+    assert values["layers.1.mlp.down_proj.lora_A"].shape == (4, 96)  # r x d_in
+    assert values["layers.0.self_attn.k_proj.lora_B"].shape == (32, 4)  # d_out (2 KV heads x 16) x r
+    assert values["layers.0.mlp.down_proj.lora_A"].abs().max() <= 1 / 96**0.5
+    assert values["layers.0.mlp.down_proj.lora_B"].abs().max() <= 0.1 / 4**0.5
+    assert not torch.equal(lora_init(dataclasses.replace(TINY_LORA, seed=1))["layers.0.mlp.up_proj.lora_A"],
+                           values["layers.0.mlp.up_proj.lora_A"])
+
+    model = get_peft_model(MistralForCausalLM(MistralConfig(**mistral_config(TINY_LORA))), trl_peft_config(TINY_LORA))
+    assert load_lora_init(model, TINY_LORA) == 28
+    weight = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
+    assert torch.equal(weight, values["layers.1.mlp.down_proj.lora_B"])
+    with pytest.raises(ValueError, match="does not match the bench's LoRA init"):
+        load_lora_init(model, dataclasses.replace(TINY_LORA, lora_r=8))
+    plain = MistralForCausalLM(MistralConfig(**mistral_config(TINY_LORA)))
+    with pytest.raises(ValueError, match="28 of the 28 LoRA init tensors found no adapter parameter"):
+        load_lora_init(plain, TINY_LORA)
+
+
+@pytest.mark.slow
+def test_the_lora_case_runs_ours_and_trl_to_the_same_losses(tmp_path):
+    """``python -m zephyr_lit.bench --quick --cases dpo-lora`` on a tiny model and short rows: both trainers run,
+    train the same number of adapter parameters, and their per-step losses agree, away from ln 2 (the adapter's
+    shared start values already move the policy off the reference)."""
+    import json
+    import math
+
+    from zephyr_lit.bench.cli import main
+
+    argv = ["--quick", "--cases", "dpo-lora", "--out", str(tmp_path), "--set", "hidden=64", "intermediate=96",
+            "layers=2", "heads=4", "kv_heads=2", "vocab=512", "lora_r=4", "max_length=64", "prompt_min=8",
+            "prompt_max=24", "completion_min=8", "completion_max=24", "sequence_min=8", "sequence_max=64", "steps=3",
+            "warmup=1"]
+    assert main(argv) == 0
+    runs = {r["side"]: r for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())}
+    ours, trl = runs["ours"], runs["trl"]
+    assert ours["info"]["trainable_params"] == trl["info"]["trainable_params"] == 2 * 4 * (
+        (64 + 64) * 2 + (64 + 32) * 2 + (64 + 96) * 3)  # layers x r x sum of (d_in + d_out) over the 7 linears
+    assert len(ours["losses"]) == len(trl["losses"]) == 3
+    assert max(abs(a - b) for a, b in zip(ours["losses"], trl["losses"])) < 1e-4
+    assert abs(ours["losses"][0] - math.log(2)) > 1e-3
+    summary = json.loads((tmp_path / "summary.json").read_text())["cases"][0]
+    assert summary["case"] == "dpo-lora" and summary["peak_rss_mib_ratio"] > 0 and summary["rows_per_s_ratio"] > 0

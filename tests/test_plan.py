@@ -23,6 +23,7 @@ from zephyr_lit.plan import (
     CHUNK_TOKENS,
     DEEPSPEED_DEFAULTS,
     GIB,
+    KNOWN_SHAPES,
     LIGHTNING_DEEPSPEED_DEFAULTS,
     ModelShape,
     Setup,
@@ -35,6 +36,8 @@ from zephyr_lit.plan import (
     plan_memory,
     setup_from_config,
 )
+from zephyr_lit.plan.adapter import Adapter, lora_layer_bytes_per_token, lora_parameters, nf4_bytes
+from zephyr_lit.plan.memory import adapter_layer_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,6 +227,28 @@ def test_offload_moves_states_off_the_gpu():
     assert plan.row("gradients").bytes == N * 2 / 2
 
 
+def saved_by_first_layer(model, layer, input_ids, attention_mask=None, autocast: bool = False) -> int:
+    """Bytes of the storages that ``layer`` (the model's first decoder layer) saves for backward in one
+    forward of ``model``, weights left out (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    forward = layer.forward
+
+    def saving_forward(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return forward(*args, **kwargs)
+
+    layer.forward = saving_forward
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_estimate_matches_what_autograd_saves(attn, dtype):
@@ -234,23 +259,7 @@ def test_layer_estimate_matches_what_autograd_saves(attn, dtype):
     rows, seq = 2, 64
     mask = torch.ones(rows, seq, dtype=torch.long)
     mask[1, :5] = 0  # padding: transformers passes a mask, as with real batches
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    layer = model.model.layers[0]
-    forward = layer.forward
-
-    def saving_forward(*args, **kwargs):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            return forward(*args, **kwargs)
-
-    layer.forward = saving_forward
-    model(input_ids=torch.randint(0, 128, (rows, seq)), attention_mask=mask, use_cache=False)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = sum(n for ptr, n in storages.items() if ptr not in weights)
+    saved = saved_by_first_layer(model, model.model.layers[0], torch.randint(0, 128, (rows, seq)), mask)
     setup = Setup(attn_implementation=attn, model_dtype=str(dtype).removeprefix("torch."))
     estimate = layer_bytes_per_token(ModelShape.from_config(config), setup, seq) * rows * seq
     assert estimate == pytest.approx(saved, rel=0.10)
@@ -487,3 +496,191 @@ def test_module_entry_point():
     assert result.returncode == 0, result.stderr
     assert "world size  8 (--world-size)" in result.stdout and "fits in 80 GiB: yes" in result.stdout
 
+
+
+# ---- adapters: LoRA and QLoRA -------------------------------------------------------------------------------------
+MISTRAL = ModelShape.from_config(KNOWN_SHAPES["mistralai/Mistral-7B-v0.1"])
+
+
+def test_lora_parameters_of_mistral_7b_by_hand():
+    """LoRA adds r (d_in + d_out) per targeted linear. Mistral-7B (h 4096, q 32 x 128 = 4096, k/v 8 x 128 =
+    1024, MLP 14336), r = 16 on all seven linears of a layer:
+        q 16 x (4096 + 4096) = 131,072    k 16 x (4096 + 1024) = 81,920    v 81,920    o 131,072
+        gate 16 x (4096 + 14336) = 294,912    up 294,912    down 16 x (14336 + 4096) = 294,912
+        -> 1,310,720 per layer x 32 layers = 41,943,040 (0.58% of 7,241,732,096).
+    r = 128: 8 x that = 335,544,320. r = 8 on q and v only: 32 x 8 x (8192 + 5120) = 3,407,872."""
+    assert lora_parameters(MISTRAL, Adapter(r=16)) == 41_943_040
+    assert lora_parameters(MISTRAL, Adapter(r=128)) == 335_544_320
+    assert lora_parameters(MISTRAL, Adapter(r=8, targets=("q_proj", "v_proj"))) == 3_407_872
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=["gqa", "mha-tied", "head-dim", "llama-bias"])
+def test_lora_count_matches_peft(config):
+    """Against peft's own adapter on a real model: all-linear, and two named targets."""
+    from zephyr_lit.adapters import AdapterSpec, add_adapter
+
+    for targets in ("all-linear", ["k_proj", "down_proj"]):
+        model = (LlamaForCausalLM if config.model_type == "llama" else MistralForCausalLM)(config)
+        adapted = add_adapter(model, AdapterSpec(method="lora", r=4, target_modules=targets), False)
+        trained = [p for p in adapted.parameters() if p.requires_grad]
+        adapter = Adapter(r=4, targets=None if targets == "all-linear" else tuple(targets))
+        assert sum(p.numel() for p in trained) == lora_parameters(ModelShape.from_config(config), adapter)
+
+
+def test_nf4_bytes_by_hand_and_as_bitsandbytes_stores_them():
+    """A 4096 x 4096 weight (16,777,216 elements, 262,144 blocks of 64): 8,388,608 B of 4-bit codes; without
+    double quantisation 262,144 fp32 absmax = 1,048,576 B (0.5 bit per weight); with it 262,144 B of 8-bit
+    absmax + 1,024 fp32 scales (one per 256 blocks) + one fp32 offset = 266,244 B (0.127 bit per weight)."""
+    assert nf4_bytes(4096 * 4096, double_quant=False) == 8_388_608 + 1_048_576
+    assert nf4_bytes(4096 * 4096, double_quant=True) == 8_388_608 + 262_144 + 4_096 + 4
+    assert 266_244 * 8 / 4096**2 == pytest.approx(0.127, abs=5e-4)
+    functional = pytest.importorskip("bitsandbytes.functional")
+    for rows, cols in ((256, 320), (64, 100)):  # 1280 blocks (5 scales); 100 blocks (1 scale)
+        for double_quant in (True, False):
+            packed, state = functional.quantize_4bit(torch.randn(rows, cols, dtype=torch.bfloat16), blocksize=64,
+                                                     compress_statistics=double_quant, quant_type="nf4")
+            stored = [packed, state.absmax] + ([state.state2.absmax, state.offset] if double_quant else [])
+            assert sum(t.numel() * t.element_size() for t in stored) == nf4_bytes(rows * cols, double_quant)
+
+
+def qlora_setup(**kw) -> Setup:
+    base = dict(module="sft", batch_size=4, max_length=2048, model_dtype="bfloat16", precision="bf16-mixed",
+                gradient_checkpointing=True, attn_implementation="flash_attention_2", context_gib=0.0,
+                overhead_fraction=0.0, adapter=Adapter(method="qlora", r=16))
+    return Setup(**{**base, **kw})
+
+
+def test_qlora_rows_of_mistral_7b_by_hand():
+    """The frozen base: each q / o weight 8,654,852 B, each k / v (4,194,304 elements: 2,097,152 + 65,536 + 256 x 4
+    + 4) 2,163,716 B, each gate / up / down (58,720,256: 29,360,128 + 917,504 + 3,584 x 4 + 4) 30,291,972 B ->
+    112,513,052 B per layer x 32 = 3,600,417,664 B; the 262,410,240 unquantised (embeddings 2 x 131,072,000,
+    norms 266,240) x 2 B = 524,820,480 B -> 4,125,238,144 B (3.84 GiB). The adapter (r 16: 41,943,040) is fp32:
+    x 4 weights, x 4 gradients, x 8 AdamW m and v. No reference; the LM head has no weight gradient."""
+    plan = plan_memory(MISTRAL, qlora_setup())
+    assert plan.row("base weights").bytes == 3_600_417_664 + 524_820_480 == 4_125_238_144
+    without = plan_memory(MISTRAL, qlora_setup(adapter=Adapter(method="qlora", r=16, double_quant=False)))
+    # without double quantisation each weight costs 0.5 + 4 / 64 B: 6,979,321,856 x 0.5625
+    assert without.row("base weights").bytes == 6_979_321_856 * 0.5625 + 524_820_480
+    a = 41_943_040
+    assert (plan.row("adapter").bytes, plan.row("gradients").bytes) == (a * 4, a * 4)
+    assert plan.row("optimizer states").bytes == a * 8 and plan.row("optimizer step").bytes == a * 4
+    assert plan.row("reference").bytes == 0
+    # 4 rows x 2047 labelled positions, chunks of 2048: no V x h x g head gradient (the head is frozen)
+    assert plan.row("LM head").bytes == lm_head_training_bytes(4 * 2047, 32000, 4096, 2, 2048, gradient_bytes=0)
+    assert plan.row("4-bit dequant").bytes == 14336 * 4096 * 2  # gate/up/down, bf16
+    lora = plan_memory(MISTRAL, qlora_setup(adapter=Adapter(method="lora", r=16)))
+    assert lora.row("base weights").bytes == 7_241_732_096 * 2  # frozen bf16, whole
+    assert [r.item for r in lora.rows].count("4-bit dequant") == 0
+
+
+def test_an_adapters_reference_is_free_and_zero3_shards_base_and_adapter():
+    """TINY (N = 6736) with LoRA r = 2 on all linears, r (d_in + d_out) each: q 2 x (16 + 16) = 64, k 2 x (16 + 8)
+    = 48, v 48, o 64, gate / up / down 2 x (16 + 32) = 96 each -> 512 per layer; 2 layers: A = 1024, in tensors
+    A (r x d_in) and B (d_out x r) of at most 2 x 32 = 64 elements."""
+    lora = Adapter(method="lora", r=2, dropout=0.0)
+    assert lora_parameters(TINY, lora) == 1024
+    plan = plan_memory(TINY, ds3(world_size=4, adapter=lora, param_persistence_threshold=0))
+    assert plan.row("base weights").bytes == N * 2 / 4  # frozen, partitioned like full fine-tuning's weights
+    assert plan.row("adapter").bytes == 1024 * 2 / 4  # the engine holds it in 16 bit ...
+    assert plan.row("optimizer states").bytes == 1024 * 12 / 4  # ... with an fp32 master copy + m, v
+    assert plan.row("gradients").bytes == 1024 * 2 / 4
+    assert plan.row("reference").bytes == 0
+    # one live model (the reference is the policy): gathered min(N, max(1000, 1024)) = 1024 x 2 + bucket 100 x 2
+    assert plan.row("ZeRO buffers").bytes == 1024 * 2 + 100 * 2
+    persistent = plan_memory(TINY, ds3(world_size=4, adapter=lora, param_persistence_threshold=64))
+    assert persistent.row("adapter").bytes == 1024 * 2  # every adapter tensor is small: kept whole
+    precomputed = plan_memory(TINY, ds3(world_size=4, adapter=lora, ref_precompute=True))
+    assert precomputed.row("ref precompute").bytes == precomputed.row("validation").bytes  # no reference weights
+    ddp = plan_memory(TINY, ds3(world_size=2, adapter=lora, strategy="ddp"))
+    assert ddp.row("DDP buckets").bytes == 1024 * 4  # buckets hold the adapter's fp32 gradients only
+    with pytest.raises(UserInputError, match="peft=qlora with DeepSpeed ZeRO-3"):
+        plan_memory(TINY, ds3(adapter=Adapter(method="qlora", r=2)))
+    with pytest.raises(UserInputError, match="peft.target_modules: lm_head not among"):
+        plan_memory(TINY, ds3(adapter=Adapter(r=2, targets=("q_proj", "lm_head"))))
+
+
+LORA_LAYER_CASES = {  # (model dtype, autocast, dropout); the adapter is fp32 in all of them (peft's default)
+    "fp32-shared-input": (torch.float32, False, 0.0),
+    "fp32-dropout": (torch.float32, False, 0.05),
+    "bf16-cast-to-fp32": (torch.bfloat16, False, 0.0),
+    "bf16-autocast-dropout": (torch.bfloat16, True, 0.05),  # the QLoRA recipes' case
+}
+
+
+@pytest.mark.parametrize("dtype, autocast, dropout", LORA_LAYER_CASES.values(), ids=LORA_LAYER_CASES.keys())
+def test_lora_layer_estimate_matches_what_autograd_saves(dtype, autocast, dropout):
+    """What LoRA changes in a layer's saved tensors, against a real layer with and without a peft adapter (CPU).
+    With a copy of the adapter's input (dropout, or a cast to its fp32) the frozen base's inputs go and each of
+    the 7 targets keeps its own; without one they share the base's. CPU keeps a dropout mask as floats (4 B);
+    CUDA as bools (1 B, the plan's default). Tolerance: 3% of the LoRA layer's bytes (autocast's bf16 copies
+    of the adapter weights are per batch, not per token: ~1% at these 512 tokens); the layer itself within 10%,
+    as full fine-tuning's."""
+    from zephyr_lit.adapters import AdapterSpec, add_adapter
+
+    config = MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, attn_implementation="sdpa")
+    rows, seq = 4, 128
+    ids = torch.randint(0, 128, (rows, seq))
+    torch.manual_seed(0)
+    full = MistralForCausalLM(config).to(dtype).train()
+    full_saved = saved_by_first_layer(full, full.model.layers[0], ids, autocast=autocast)
+    adapted = add_adapter(MistralForCausalLM(config).to(dtype), AdapterSpec(method="lora", r=8, dropout=dropout), True)
+    lora_saved = saved_by_first_layer(adapted, adapted.get_base_model().model.layers[0], ids, autocast=autocast)
+
+    shape, adapter = ModelShape.from_config(config), Adapter(r=8, dropout=dropout)
+    setup = Setup(model_dtype=str(dtype).removeprefix("torch."), precision="bf16-mixed" if autocast else "32-true",
+                  adapter=adapter)
+    a = setup.activation_bytes
+    saved = a if autocast else 4
+    copies = dropout > 0 or a != 4
+    delta = lora_layer_bytes_per_token(shape, adapter, a, saved, copies, mask_bytes=4)
+    if dropout == 0:  # the run's own choice of s and copies (the mask does not matter then)
+        assert adapter_layer_bytes(shape, setup) == delta
+    assert delta * rows * seq == pytest.approx(lora_saved - full_saved, abs=0.03 * lora_saved)
+    estimate = (layer_bytes_per_token(shape, setup, seq) + delta) * rows * seq
+    assert estimate == pytest.approx(lora_saved, rel=0.10)
+
+
+def test_the_qlora_base_row_is_what_bitsandbytes_holds(tmp_path):
+    """The embedded tiny Mistral (4 layers, h 128, MLP 384, vocab 1024) built as ``peft=qlora`` builds it: the
+    frozen bytes (4-bit codes and their constants, bf16 rest) and the trainable fp32 adapter, as planned."""
+    pytest.importorskip("bitsandbytes")
+    from zephyr_lit.adapters import AdapterSpec, build_trained_model
+    from zephyr_lit.models import ModelSpec
+
+    spec = ModelSpec(name_or_path=asset_path("tiny-mistral"), dtype="bfloat16", random_init=True)
+    model = build_trained_model(spec, AdapterSpec(method="qlora", r=4, double_quant=True))
+    frozen = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            frozen += p.numel() * p.element_size()
+            state = getattr(p, "quant_state", None)  # a 4-bit weight's packed codes; its constants beside it
+            if state is not None:
+                frozen += sum(t.numel() * t.element_size() for t in (state.absmax, state.state2.absmax, state.offset))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    shape = ModelShape.from_config(MistralConfig.from_pretrained(asset_path("tiny-mistral")))
+    plan = plan_memory(shape, Setup(model_dtype="bfloat16", precision="bf16-mixed",
+                                    adapter=Adapter(method="qlora", r=4, double_quant=True)))
+    assert frozen == plan.row("base weights").bytes
+    assert sum(p.numel() * p.element_size() for p in trained) == plan.row("adapter").bytes
+    assert {p.dtype for p in trained} == {torch.float32}
+
+
+def test_the_qlora_recipes_plan_from_their_config(capsys):
+    """The one-GPU recipes read as configured: peft, rank, double quantisation, the paged optimizer."""
+    dsft = main_plan("+experiment=zephyr-7b-beta-dsft-qlora")
+    assert dsft.setup.adapter == Adapter(method="qlora", r=16, dropout=0.05, double_quant=True, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    assert (dsft.setup.world_size, dsft.setup.strategy, dsft.setup.paged_optimizer) == (1, "single", False)
+    ddpo = main_plan("+experiment=zephyr-7b-beta-ddpo-qlora")
+    assert ddpo.setup.adapter.r == 128 and ddpo.setup.paged_optimizer and ddpo.setup.rows == 8
+    assert ddpo.row("adapter").bytes == 335_544_320 * 4 and ddpo.row("reference").bytes == 0
+    assert "+experiment=zephyr-7b-beta-dsft-qlora" in ddpo.shape.source  # the merged dSFT export's shape
+    assert main_plan("+experiment=dsft", "peft=lora").setup.adapter.targets is None  # all-linear
+    assert main(["+experiment=zephyr-7b-beta-ddpo-qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "  adapter     LoRA r=128 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj x 32 layers: " \
+           "335,544,320 trainable (4.63%)" in out
+    assert "dpo (reference = the policy with its adapter off)" in out and "fits in 80 GiB: yes (" in out
+    assert main(["+experiment=zephyr-7b-beta-ddpo", "peft=qlora"]) == 2  # ZeRO-3
+    assert "peft=qlora with DeepSpeed ZeRO-3" in capsys.readouterr().err

@@ -9,6 +9,7 @@ models are partitioned and hashes of their gathered weights at the start and end
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import odd_exact_match
 from tests.zero3.launch import run_zero3
+from zephyr_lit.assets import TINY_MODEL, asset_path
+from zephyr_lit.models import ModelSpec, build_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +84,43 @@ def test_dpo_bf16_mixed_with_precomputed_reference_and_exact_match(tmp_path):
     assert summary["metrics"]["val/rewards/accuracies"] >= 0
     export = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert export["lm_head.weight"].dtype == torch.bfloat16  # the 16-bit gather
+
+
+def test_lora_dpo_trains_the_adapter_alone_on_the_partitioned_base_saves_it_alone_and_resumes(tmp_path):
+    """peft=lora on 2 ranks: base and adapter partitioned, no second model (the reference is the policy
+    with its adapter off), the policy starts as the start model (B = 0 on the gathered adapter: the first
+    validation's rewards are exactly 0), only the adapter moves, the sharded checkpoint holds the adapter
+    and its Adam moments alone, a resume restores them, and the export merges the gathered adapter."""
+    first = run_zero3(tmp_path, "lora", *TINY_DPO, "peft=lora", "trainer.max_steps=2")
+    for facts in first:
+        assert facts["policy/partitioned"] and 0 < facts["policy/local_numel"] <= facts["policy/full_numel"] // 2 + 64
+        assert "reference/start" not in facts  # no reference model was built
+        assert facts["policy/training_in_steps"] == [True]  # the shared policy trains in train mode
+        assert facts["base/end"] == facts["base/start"] and facts["adapter/end"] != facts["adapter/start"]
+    assert first[0] == first[1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["initial_metrics"]["val/rewards/margins"] == summary["initial_metrics"]["val/rewards/chosen"] == 0.0
+
+    folder = tmp_path / "run" / "checkpoints" / "last.ckpt" / "checkpoint"
+    model_states = torch.load(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert len(model_states["module"]) == 56 and all("lora_" in key for key in model_states["module"])
+    adapter_numel = sum(math.prod(shape) for shape in model_states["param_shapes"][0].values())
+    moments = [torch.load(folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+               ["optimizer_state_dict"]["optimizer_state_dict"]["state"][0]["exp_avg"].numel() for r in (0, 1)]
+    assert sum(moments) == adapter_numel == 155648  # 4 blocks x 38912: the adapter's, halved over 2 ranks
+
+    resumed = run_zero3(tmp_path, "lora_resumed", *TINY_DPO, "peft=lora", "trainer.max_steps=3", "ckpt_path=last")
+    for facts in resumed:
+        assert facts["global_step"] == 3 and facts["adapter/start"] == first[0]["adapter/end"]
+        assert facts["base/start"] == facts["base/end"] == first[0]["base/start"]
+
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")  # full shapes, gathered
+    merged = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    start = build_model(ModelSpec(asset_path(TINY_MODEL), random_init=True, init_seed=42)).state_dict()  # seed=42
+    prefix = "base_model.model.model.layers.1.mlp.up_proj"
+    by_hand = start["model.layers.1.mlp.up_proj.weight"] + adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+    torch.testing.assert_close(merged["model.layers.1.mlp.up_proj.weight"], by_hand, atol=1e-6, rtol=1e-5)  # alpha / r = 1
+    assert torch.equal(merged["lm_head.weight"], start["lm_head.weight"]) and len(merged) == 39
 
 
 def test_accumulation_under_deepspeed_matches_one_big_batch(tmp_path):

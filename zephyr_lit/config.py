@@ -6,9 +6,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from zephyr_lit.adapters import METHODS, QUANT_TYPES, missing_packages
 from zephyr_lit.data.load import looks_local
 from zephyr_lit.data.validate import BAD_ROWS
 from zephyr_lit.errors import ConfigError
+from zephyr_lit.optimizers import optimizer_problems
 from zephyr_lit.generations_log import generations_problems
 from zephyr_lit.launch import run_stamp
 from zephyr_lit.losses import check_loss_args
@@ -81,6 +83,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += data_and_module_problems(cfg)
     if "dpo" in cfg:
         problems += dpo_problems(cfg)
+    problems += peft_problems(cfg)
+    problems += optimizer_problems(cfg)
     problems += timeout_problems(cfg)
     problems += preemption_problems(cfg)
     problems += nonfinite_problems(cfg)
@@ -110,6 +114,38 @@ def dpo_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"dpo.ref.sync_steps={dpo.ref.sync_steps}: must be >= 1 (or null)")
     if not 0 < dpo.ref.mixup_alpha <= 1:
         problems.append(f"dpo.ref.mixup_alpha={dpo.ref.mixup_alpha}: must be in (0, 1]")
+    return problems
+
+
+def peft_problems(cfg: DictConfig) -> list[str]:
+    """``peft.*`` (``conf/peft/``): the adapter's values, its packages, and what it cannot be combined with."""
+    peft = cfg.get("peft")
+    method = peft.get("method", "none") if peft is not None else "none"
+    if method == "none":
+        return []
+    if method not in METHODS:
+        return [f"peft.method={method}: must be one of {', '.join(METHODS)} (use peft=lora or peft=qlora)"]
+    problems = [f"peft={method}: {missing}"] if (missing := missing_packages(method)) else []
+    checks = {
+        "r": (isinstance(peft.r, int) and peft.r >= 1, "must be an integer >= 1"),
+        "alpha": (peft.alpha > 0, "must be > 0"),
+        "dropout": (0 <= peft.dropout < 1, "must be in [0, 1)"),
+        "lr_scale": (peft.lr_scale > 0, "must be > 0"),
+        "target_modules": (bool(peft.target_modules), "must be all-linear or a list of module names"),
+    }
+    if method == "qlora":
+        checks["quant_type"] = (peft.quant_type in QUANT_TYPES, f"must be one of {', '.join(QUANT_TYPES)}")
+        checks["compute_dtype"] = (peft.compute_dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
+    problems += [f"peft.{key}={peft.get(key)}: {why}" for key, (ok, why) in checks.items() if not ok]
+    if method == "qlora" and "DeepSpeed" in str(OmegaConf.select(cfg, "strategy._target_", default="")) \
+            and OmegaConf.select(cfg, "strategy.config.zero_optimization.stage", default=None) == 3:
+        problems.append("peft=qlora with DeepSpeed ZeRO-3: a 4-bit base cannot be built inside deepspeed.zero.Init "
+                        "(ZeRO-3 partitions each weight as it is created); use peft=lora under ZeRO-3, or qlora with "
+                        "strategy=auto or strategy=ddp")
+    if "dpo" in cfg and cfg.dpo.ref.sync_steps is not None:
+        problems.append(f"dpo.ref.sync_steps={cfg.dpo.ref.sync_steps} with peft={method}: the reference is the policy "
+                        "with its adapter switched off, so it cannot follow the policy (TR-DPO); set "
+                        "dpo.ref.sync_steps=null or peft=none")
     return problems
 
 

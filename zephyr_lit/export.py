@@ -1,11 +1,12 @@
-"""Atomic Hugging Face export and the ``latest`` pointer to the newest run folder."""
+"""Atomic Hugging Face export (any folder written whole through ``write_folder``) and the ``latest``
+pointer to the newest run folder."""
 
 from __future__ import annotations
 
 import copy
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,12 +29,22 @@ def export_model(
     Everything is written to a temporary sibling folder first and renamed into place, so ``target``
     is never half-written; an existing export is replaced only once the new one is complete.
     """
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(folder)
+
+    with inference_configs(model, tokenizer):
+        return write_folder(target, write)
+
+
+def write_folder(target: Path, write: Callable[[Path], object]) -> Path:
+    """``write(folder)`` fills a temporary sibling folder, which is then renamed to ``target``: ``target``
+    is never half-written, and an existing one is replaced only once the new one is complete."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with inference_configs(model, tokenizer):
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
+    write(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)

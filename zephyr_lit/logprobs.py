@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zephyr_lit.adapters import unwrap
 from zephyr_lit.data.tokenize import IGNORE_INDEX
 
 
@@ -108,7 +109,9 @@ class CompletionScores:
 
 def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """``(body, lm_head)`` of a causal LM whose logits are exactly ``lm_head(body(...).last_hidden_state)``
-    (Mistral, Llama, Qwen, ...), or None (soft-capped or scaled logits: use the full logits)."""
+    (Mistral, Llama, Qwen, ...), or None (soft-capped or scaled logits: use the full logits). A peft model
+    is split inside, where its LoRA layers sit in the body (an adapted head is no plain ``Linear``: full logits)."""
+    model = unwrap(model)
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from zephyr_lit.chat import ZEPHYR_CHAT_TEMPLATE
@@ -57,8 +60,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(spec: ModelSpec) -> PreTrainedModel:
-    """Load (or random-init) the model in train mode, with the configured attention and dtype."""
+def build_model(spec: ModelSpec, quantization=None) -> PreTrainedModel:
+    """Load (or random-init) the model in train mode, with the configured attention and dtype.
+
+    ``quantization`` (a transformers quantization config, e.g. ``BitsAndBytesConfig``) quantises the
+    weights as they load; a random init is saved to a temporary folder and loaded from there."""
     check_attention(spec.attn_implementation)
     dtype = DTYPES[spec.dtype]
     config = AutoConfig.from_pretrained(
@@ -69,16 +75,39 @@ def build_model(spec: ModelSpec) -> PreTrainedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation, dtype=dtype)
+        if quantization is not None:  # weights quantise as they load: through a folder of this process's own
+            with tempfile.TemporaryDirectory() as folder:  # (save_pretrained writes on rank 0 only)
+                save_model(model, str(Path(folder) / "model.safetensors"))
+                model.config.to_json_file(str(Path(folder) / "config.json"))
+                model = load_pretrained(spec, folder, config, dtype, quantization)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path,
-            config=config,
-            revision=spec.revision,
-            dtype=dtype,
-            attn_implementation=spec.attn_implementation,
-            trust_remote_code=spec.trust_remote_code,
-        )
+        model = load_pretrained(spec, spec.name_or_path, config, dtype, quantization)
+    if quantization is not None:
+        keep_4bit_layout(model)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.train()  # from_pretrained returns eval mode
+
+
+def keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Switch off bitsandbytes' in-place CPU repacking of 4-bit weights. bitsandbytes 0.50 repacks a
+    layer's weight for a faster CPU kernel the first time the layer runs in eval mode without grad; a
+    training pass afterwards then gets wrong gradients (the adapters' off by up to their own size on
+    the tiny model). QLoRA dDPO runs both on the same layers: the reference pass, then training."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_pretrained(spec: ModelSpec, source: str, config, dtype: torch.dtype, quantization=None) -> PreTrainedModel:
+    extra = {} if quantization is None else {"quantization_config": quantization}
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        config=config,
+        revision=spec.revision if source == spec.name_or_path else None,
+        dtype=dtype,
+        attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
+        **extra,
+    )

@@ -130,22 +130,27 @@ class ReferenceCache:
 
     ``spec`` is the model spec, ``datamodule`` the preference data (``fingerprint``: its tokenised
     rows, truncation included; ``precompute_dataloader(split)``), ``average`` whether log-probs are
-    per-token means. The key is taken when the cache is filled, after the weights are loaded, so a hub
-    revision resolves to the commit that was downloaded."""
+    per-token means, ``quantization`` the 4-bit settings of a qlora base (None: unquantised; a LoRA
+    run's reference is the start model itself and shares the full fine-tuning's cache). The key is
+    taken when the cache is filled, after the weights are loaded, so a hub revision resolves to the
+    commit that was downloaded."""
 
-    def __init__(self, spec, datamodule, average: bool, cache_dir: str) -> None:
+    def __init__(self, spec, datamodule, average: bool, cache_dir: str, quantization: dict | None = None) -> None:
         self.spec, self.datamodule, self.average = spec, datamodule, average
         self.cache_dir = Path(cache_dir)
+        self.quantization = quantization
 
     def key(self, precision: str, weights_dtype: torch.dtype) -> str:
         """Everything that changes the cached values: the weights (and ``init_seed`` when they are a
         random init), their dtype as the strategy holds them, the trainer precision, the attention,
-        the config overrides, the tokenised data (truncation included) and the reduction."""
+        the config overrides, the tokenised data (truncation included), the reduction and the 4-bit
+        quantisation when there is one."""
         spec = self.spec
         weights = weights_identity(spec.name_or_path, spec.revision)
         seed = spec.init_seed if spec.random_init else None
-        return cache_key(weights, seed, spec.dtype, str(weights_dtype), precision, spec.attn_implementation,
-                         dict(spec.config_overrides or {}), self.datamodule.fingerprint, self.average)
+        parts = [weights, seed, spec.dtype, str(weights_dtype), precision, spec.attn_implementation,
+                 dict(spec.config_overrides or {}), self.datamodule.fingerprint, self.average]
+        return cache_key(*parts, *([self.quantization] if self.quantization is not None else []))
 
     def fill(self, module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{split: (chosen, rejected)}`` for ``train`` and ``val``, from the cache or by one pass of
@@ -153,7 +158,7 @@ class ReferenceCache:
         file another cannot see, and either every rank runs the pass or none does."""
         trainer = module.trainer
         strategy = trainer.strategy
-        key = self.key(str(trainer.precision), next(module.reference.parameters()).dtype)
+        key = self.key(str(trainer.precision), next(module.reference_weights().parameters()).dtype)
         out = {}
         for split in ("train", "val"):
             path = self.cache_dir / key / f"{split}.pt"

@@ -2,7 +2,8 @@
 
 Everything a run writes lands under ``paths.output_dir``:
 ``model/`` (the export), ``checkpoints/last.ckpt``, ``metrics.csv``, ``wandb/``, ``summary.json``
-(and Hydra's ``.hydra/`` and ``train.log`` when launched through ``train.py``).
+(and Hydra's ``.hydra/`` and ``train.log`` when launched through ``train.py``); with ``peft=lora|qlora``
+also ``adapter/``, and ``model/`` is the adapter merged into the start model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from zephyr_lit.adapters import (
+    ADAPTER_DIR,
+    adapter_weights,
+    export_adapter,
+    is_adapted,
+    learning_rate,
+    merged_model,
+    run_dtype,
+)
 from zephyr_lit.callbacks import Throughput, ValidateAtEdges
 from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.config import check_config
@@ -26,7 +36,7 @@ from zephyr_lit.launch import is_multi_process
 from zephyr_lit.models import load_tokenizer
 from zephyr_lit.preemption import Preempted, slurm_restarts
 from zephyr_lit.reference import ReferenceCache
-from zephyr_lit.zero3 import gathered_state_dict, is_partitioned
+from zephyr_lit.zero3 import gathered_state_dict, hf_zero3_paused, is_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +97,28 @@ def write_summary(path: Path, summary: dict) -> None:
 
 
 def build_module(
-    cfg: DictConfig, model_spec, tokenizer: PreTrainedTokenizerBase, exact_match: list[dict], datamodule=None
+    cfg: DictConfig, model_spec, tokenizer: PreTrainedTokenizerBase, exact_match: list[dict], datamodule=None,
+    overrides: list[str] | None = None,
 ) -> L.LightningModule:
     """The configured module (``cfg.module``, plus ``cfg.dpo`` and the reference cache over
-    ``datamodule`` when present); models come later."""
-    extra = {}
+    ``datamodule`` when present, and ``cfg.peft``'s adapter); models come later. With an adapter the
+    optimizer's lr is ``adapters.learning_rate`` (``overrides``: the command line's)."""
+    adapter = instantiate(cfg.peft) if "peft" in cfg else None
+    extra, optimizer = {}, {}
+    if adapter is not None and adapter.enabled:
+        extra["adapter"] = adapter
+        optimizer["lr"] = learning_rate(cfg.optim.lr, adapter, overrides)
+        log.info("peft=%s: optimizer lr %.3g (optim.lr %.3g x peft.lr_scale %.3g, unless optim.lr is on the "
+                 "command line)", adapter.method, optimizer["lr"], cfg.optim.lr, adapter.lr_scale)
     if "dpo" in cfg:
         dpo = instantiate(cfg.dpo)
-        extra = {"dpo": dpo, "reference_cache": ReferenceCache(model_spec, datamodule, dpo.average, dpo.ref.cache_dir)}
+        quantization = adapter.quantization() if adapter is not None else None
+        extra |= {"dpo": dpo, "reference_cache": ReferenceCache(model_spec, datamodule, dpo.average,
+                                                                 dpo.ref.cache_dir, quantization)}
     return instantiate(cfg.module, _partial_=True)(
         **extra,
         model=model_spec,
-        optimizer=instantiate(cfg.optim.optimizer),
+        optimizer=instantiate(cfg.optim.optimizer, **optimizer),
         scheduler=cfg.optim.scheduler,
         warmup_ratio=cfg.optim.warmup_ratio,
         tokenizer=tokenizer,
@@ -118,10 +138,11 @@ class Run:
     trainer: L.Trainer
 
 
-def prepare_run(cfg: DictConfig) -> Run:
+def prepare_run(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
     """Check the config, prepare the data (every row checked and tokenised before any model exists:
     here in a single process, in Lightning's ``prepare_data``/``setup`` when the cluster started
-    several), then set up the module and the trainer. Models are built later, in ``configure_model``."""
+    several), then set up the module and the trainer. Models are built later, in ``configure_model``.
+    ``overrides``: the command line's (an ``optim.lr`` there is an adapter's lr as given)."""
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,15 +156,35 @@ def prepare_run(cfg: DictConfig) -> Run:
     if not is_multi_process():  # one process: tokenise now, so bad data fails before the trainer exists
         datamodule.tokenize()  # (several: Lightning's prepare_data on one of them, then setup on all)
 
-    module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match, datamodule)
+    module = build_module(cfg, model_spec, tokenizer, datamodule.exact_match, datamodule, overrides)
     trainer = build_trainer(cfg, output_dir)
     return Run(cfg, output_dir, tokenizer, datamodule, module, trainer)
+
+
+def export(run: Run) -> dict[str, Path]:
+    """Rank 0 writes ``model/`` (with an adapter: first ``adapter/``, then the adapter merged into the
+    unquantised start model as ``model/``); every rank must call it (ZeRO-3 gathers on all ranks)."""
+    module, is_zero = run.module, run.trainer.is_global_zero
+    model, export_dir = module.trained_model, run.output_dir / "model"
+    if not is_adapted(model):
+        weights = gathered_state_dict(model) if is_partitioned(model) else None  # every rank gathers, rank 0 keeps
+        if is_zero:
+            export_model(model, run.tokenizer, export_dir, state_dict=weights)
+        return {"export_dir": export_dir}
+    adapter_dir = run.output_dir / ADAPTER_DIR
+    weights = adapter_weights(model)
+    if is_zero:
+        export_adapter(model, run.tokenizer, adapter_dir, weights)
+        with hf_zero3_paused(module.hf_deepspeed_config):  # rank 0 alone builds the start model whole
+            merged = merged_model(adapter_dir, module.model_spec, run_dtype(model))
+        export_model(merged, run.tokenizer, export_dir)
+    return {"export_dir": export_dir, "adapter_dir": adapter_dir}
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bool = True) -> dict:
     """Run one experiment described by ``cfg`` and return its summary (also in ``summary.json``)."""
     started = time.time()
-    run = prepare_run(cfg)
+    run = prepare_run(cfg, overrides)
     trainer, module, output_dir = run.trainer, run.module, run.output_dir
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -154,16 +195,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
             print(stop, flush=True)
         raise SystemExit(stop.exit_code) from None
 
-    export_dir = output_dir / "model"
-    model = module.trained_model
-    weights = gathered_state_dict(model) if is_partitioned(model) else None  # every rank gathers, rank 0 keeps
-    if trainer.is_global_zero:
-        export_model(model, run.tokenizer, export_dir, state_dict=weights)
+    exports = export(run)
     trainer.strategy.barrier()
     summary = {
         "experiment": cfg.experiment_name,
         "output_dir": str(output_dir),
-        "export_dir": str(export_dir),
+        **{key: str(path) for key, path in exports.items()},
         "global_step": trainer.global_step,
         "planned_steps": int(trainer.estimated_stepping_batches),  # what the LR schedule was built for
         "metrics": final_metrics(trainer),
@@ -178,7 +215,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, update_latest: bo
         write_summary(output_dir / "summary.json", summary)
         if update_latest:
             point_latest(Path(cfg.paths.root).resolve() / cfg.experiment_name / "latest", output_dir)
-        print(f"Exported model: {export_dir}")
+        if "adapter_dir" in exports:
+            print(f"Exported adapter: {exports['adapter_dir']} (merged into the model below)")
+        print(f"Exported model: {exports['export_dir']}")
         print("Validation (before -> after): " + describe(summary["initial_metrics"], summary["metrics"]))
         speed = summary["throughput"]
         if "samples_per_s" in speed:

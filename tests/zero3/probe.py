@@ -23,9 +23,10 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def digest(model: torch.nn.Module) -> str:
-    """Hash of the gathered weights (every rank gathers; rank 0 hashes, the result is broadcast)."""
-    state = gathered_state_dict(model)
+def digest(model: torch.nn.Module, keep=None) -> str:
+    """Hash of the gathered weights (every rank gathers; rank 0 hashes, the result is broadcast);
+    ``keep``: only the parameters whose names it accepts."""
+    state = gathered_state_dict(model, keep=keep)
     text = state_digest(state) if state is not None else ""
     if torch.distributed.is_initialized():
         box = [text]
@@ -66,16 +67,26 @@ class Zero3Probe(L.Callback):
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         reference = models["reference"]
         self.facts["optimizer/has_reference"] = reference is not None and any(id(p) in optimized for p in reference.parameters())
+        if getattr(module, "adapter", None) is not None:
+            self.adapter_facts(module.trained_model, "start")
+
+    def adapter_facts(self, model, when: str) -> None:
+        """Hashes of the adapter's gathered weights and of the frozen base's, apart."""
+        self.facts[f"adapter/{when}"] = digest(model, keep=lambda name: "lora_" in name)
+        self.facts[f"base/{when}"] = digest(model, keep=lambda name: "lora_" not in name)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         reference = getattr(module, "reference", None)
         if reference is not None:
             self.facts.setdefault("reference/training_in_steps", set()).add(reference.training)
+        self.facts.setdefault("policy/training_in_steps", set()).add(module.trained_model.training)
 
     def on_train_end(self, trainer, module) -> None:
         for name, model in self._models(module).items():
             if model is not None:
                 self.facts[f"{name}/end"] = digest(model)
+        if getattr(module, "adapter", None) is not None:
+            self.adapter_facts(module.trained_model, "end")
         facts = {k: sorted(v) if isinstance(v, set) else v for k, v in self.facts.items()}
         facts["global_step"] = trainer.global_step
         facts["world_size"] = trainer.world_size

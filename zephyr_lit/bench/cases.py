@@ -5,10 +5,13 @@ Options read by the workers (``ours.py``, ``trl_side.py``):
 - ours: ``order`` (``sequential``: the rows in index order, ``grouped``: the length-grouped batches
   that ``data.group_by_length=true`` draws), ``precompute`` (``dpo.ref.precompute``), ``length_groups`` (``module.length_groups``), ``packing`` (SFT: our ``pack_sequences``
   into rows of at most ``max_length`` tokens, batches of that many packed rows).
+  ``peft`` (``lora``: ``peft=lora`` with the workload's adapter, see ``lora.py``).
 - trl: ``sampler`` (``sequential`` or TRL's ``default``: random), ``optim`` (``adamw_torch``, the
   same ``torch.optim.AdamW`` as ours, or TRL's ``default``: fused AdamW), ``ref_model`` (an explicit
   reference model; without one TRL precomputes with the policy itself), ``precompute``
-  (``precompute_ref_log_probs``), ``padding_free``, ``packing`` (BFD, which implies padding-free).
+  (``precompute_ref_log_probs``), ``padding_free``, ``packing`` (BFD, which implies padding-free),
+  ``peft`` (``lora``: ``peft_config`` with the same adapter; without a ref_model TRL's reference is the
+  policy with its adapter disabled, as ours).
 
 Every TRL run is fp32 without gradient checkpointing (TRL turns on bf16 autocast and gradient
 checkpointing by default; the workload is fp32). ``same_batches``: both trainers see the same rows
@@ -61,6 +64,15 @@ CASES: tuple[Case, ...] = (
         trl={"sampler": "default", "optim": "default", "ref_model": True, "precompute": False},
         ours_label="dpo.ref.precompute=true + data.group_by_length=true (length-grouped batches)",
         trl_label="TRL defaults (random sampler, fused AdamW, online ref_model) but fp32, no grad checkpointing",
+    ),
+    Case(
+        "dpo-lora", "dpo", "DPO with LoRA, equal settings: the reference is the policy with its adapter off",
+        ours={"order": "sequential", "precompute": False, "peft": "lora"},
+        trl={**EQUAL_TRL, "ref_model": False, "precompute": False, "peft": "lora"},
+        same_batches=True,
+        ours_label="peft=lora (r 16, alpha 16, dropout 0, q/k/v/o/gate/up/down), reference = adapter off",
+        trl_label="peft_config=LoraConfig (same r, alpha, dropout, targets), no ref_model, sequential sampler, "
+                  "optim=adamw_torch; both adapters start from the same values",
     ),
     Case(
         "sft-padded", "sft", "SFT, equal settings, padded batches",

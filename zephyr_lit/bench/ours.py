@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from zephyr_lit.bench.lora import load_lora_init, ours_overrides
 from zephyr_lit.bench.measure import StepRecorder
 from zephyr_lit.bench.workload import (
     Workload,
@@ -63,6 +64,8 @@ def compose_ours(w: Workload, kind: str, options: dict, model_dir: str, work_dir
         overrides += ["module=sft", "data=ultrachat_tiny"]
     if "length_groups" in options:
         overrides.append(f"module.length_groups={options['length_groups']}")
+    if options.get("peft") == "lora":
+        overrides += ours_overrides(w)
     overrides += list(extra)  # --ours KEY=VALUE
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -180,6 +183,8 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
 
     class Record(L.Callback):
         def on_train_start(self, trainer, pl_module):
+            if options.get("peft") == "lora":  # the adapter exists now (configure_model): the shared start values
+                load_lora_init(pl_module, w)
             recorder.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -212,6 +217,7 @@ def run_ours(job: dict, recorder: StepRecorder) -> dict:
         "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
         "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
         "length_groups": cfg.module.get("length_groups", 1),
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "overrides": job.get("ours_overrides", []),
         "micro_batches": micro_batches,
         "train_rows": train_rows,

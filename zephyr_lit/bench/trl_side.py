@@ -3,7 +3,9 @@
 Both models come from ``zephyr_lit.models.build_model`` with the same spec and seed as ours, so
 TRL starts from our exact weights; the reference model (when the case has one) is a second
 identical build, passed explicitly, as is the tokenizer. Every run is fp32 with gradient
-checkpointing off (TRL's defaults are bf16 autocast and gradient checkpointing on).
+checkpointing off (TRL's defaults are bf16 autocast and gradient checkpointing on). The LoRA case
+passes ``peft_config`` and no reference model: TRL then wraps the policy and computes the reference
+with its adapter disabled.
 
 Data: DPO gets ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` columns, and ``_prepare_dataset``
 is skipped (TRL 1.16 would otherwise try to extract and tokenise text prompts; the rows are token
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zephyr_lit.bench.lora import load_lora_init, trl_peft_config
 from zephyr_lit.bench.measure import StepRecorder
 from zephyr_lit.bench.workload import Workload
 
@@ -110,6 +113,7 @@ def run_trl(job: dict, recorder: StepRecorder) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     rows = job["rows"]
 
+    lora = options.get("peft") == "lora"
     if kind == "dpo":
         policy, reference = _models(job, with_reference=bool(options.get("ref_model")))
         dataset = Dataset.from_dict({
@@ -137,7 +141,10 @@ def run_trl(job: dict, recorder: StepRecorder) -> dict:
                 return loss
 
         trainer = BenchDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
-                                  processing_class=tokenizer, callbacks=[_callback(recorder)])
+                                  processing_class=tokenizer, callbacks=[_callback(recorder)],
+                                  peft_config=trl_peft_config(w) if lora else None)
+        if lora:  # the adapter exists now (TRL wrapped the policy): the shared start values
+            load_lora_init(trainer.model, w)
     else:
         policy, _ = _models(job, with_reference=False)
         dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
@@ -169,4 +176,5 @@ def run_trl(job: dict, recorder: StepRecorder) -> dict:
         "sampler": trainer.args.train_sampling_strategy,
         "pad_to_multiple_of": trainer.args.pad_to_multiple_of,
         "train_rows": len(trainer.train_dataset),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }

@@ -48,6 +48,10 @@ class Workload:
     pair_batch: int = 8
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    # DPO with LoRA (the dpo-lora case): the adapter on all seven linears of every layer
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # 0: both trainers then run the very same network, step for step
     # SFT
     sequences: int = 256
     sequence_min: int = 128

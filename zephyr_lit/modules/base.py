@@ -1,4 +1,5 @@
-"""What the SFT and DPO modules share: the optimiser and schedule, and the exact-match metric."""
+"""What the SFT and DPO modules share: the trained network (with or without an adapter), the optimiser
+and schedule, and the exact-match metric."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import PreTrainedTokenizerBase
 
+from zephyr_lit.adapters import AdapterSpec, build_trained_model, check_holds, keep_only, trainable_names
 from zephyr_lit.evaluation import exact_match_rate
 from zephyr_lit.logprobs import CompletionScores, model_completion_scores
 from zephyr_lit.metric_sums import MetricSums
@@ -39,9 +41,11 @@ class ChatModule(L.LightningModule):
         length_groups: int = 1,
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
+        adapter: AdapterSpec | None = None,
     ) -> None:
         super().__init__()
         self.model_spec = model
+        self.adapter = adapter if adapter is not None and adapter.enabled else None  # peft=lora|qlora
         self.optimizer_factory = optimizer
         self.scheduler_name, self.warmup_ratio = scheduler, warmup_ratio
         self.tokenizer = tokenizer
@@ -63,8 +67,17 @@ class ChatModule(L.LightningModule):
             self._hf_deepspeed_config = hf_deepspeed_config(config)
 
     @property
+    def hf_deepspeed_config(self):
+        """The ``HfDeepSpeedConfig`` held under ZeRO-3 (None otherwise)."""
+        return self._hf_deepspeed_config
+
+    @property
     def trained_model(self):
         raise NotImplementedError
+
+    def build_trained_model(self) -> torch.nn.Module:
+        """The start model, or with ``peft.*`` the start model frozen plus a new trainable adapter."""
+        return build_trained_model(self.model_spec, self.adapter)
 
     def scores(self, model, batch: dict[str, torch.Tensor]) -> CompletionScores:
         """Log-probs of ``batch``'s labelled tokens under ``model``: the LM head only at those
@@ -77,7 +90,13 @@ class ChatModule(L.LightningModule):
 
     # ---- accumulation windows (see zephyr_lit/windows.py) ------------------------------------
     def setup(self, stage: str) -> None:
+        """With an adapter, checkpoints hold the adapter alone (DeepSpeed: ``exclude_frozen_parameters``)
+        and loading one is not strict: ``configure_model`` rebuilt the frozen base from the start weights."""
         align_windows(self.trainer)
+        if self.adapter is not None:
+            self.strict_loading = False
+            if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                self.trainer.strategy.exclude_frozen_parameters = True
 
     def on_train_start(self) -> None:
         self._window_started = time.perf_counter()
@@ -104,9 +123,14 @@ class ChatModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["zephyr_nonfinite"] = self.nonfinite.state_dict()
+        if self.adapter is not None and "state_dict" in checkpoint:
+            keep_only(checkpoint["state_dict"], trainable_names(self))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """(DeepSpeed restores the weights itself and hands over no ``state_dict`` here.)"""
         self.nonfinite.load_state_dict(checkpoint.get("zephyr_nonfinite", {}))
+        if self.adapter is not None and checkpoint.get("state_dict") is not None:
+            check_holds(checkpoint["state_dict"], trainable_names(self))
 
     def window_metrics(self, means: dict[str, float], stage: str) -> dict[str, float]:
         """The ``train/`` or ``val/`` (``stage``) metrics from the reduced means (subclasses combine terms)."""

@@ -11,6 +11,10 @@ The reference is built from the same weights as the policy (same spec, same code
 same dtype, device and sharding), never trained (``requires_grad=False``, not in the optimizer), and
 kept in eval mode for every forward, also after each validation loop. With ``dpo.ref.sync_steps``
 it follows the policy by TR-DPO mix-up; otherwise checkpoints leave it out and it is rebuilt.
+
+With an adapter (``peft=lora|qlora``) no second model is built: the policy is the start model plus a
+new adapter, and the reference is the policy with its adapter switched off (``adapters.adapter_disabled``,
+eval mode for that one pass only, so the policy itself keeps training in train mode).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from zephyr_lit.adapters import adapter_disabled
 from zephyr_lit.errors import ConfigError
 from zephyr_lit.losses import LossType, dpo_loss
 from zephyr_lit.models import build_model
@@ -68,11 +73,12 @@ class DPOModule(ChatModule):
 
     # ---- models ------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Policy and reference from the same spec (under ZeRO-3 both are partitioned alike)."""
+        """Policy and reference from the same spec (under ZeRO-3 both are partitioned alike); with an
+        adapter, the policy alone (the reference is inside it)."""
         self.hold_zero3_loading_config()
         if self.policy is None:
-            self.policy = build_model(self.model_spec)
-        if self.reference is None and not self.cached_logps:
+            self.policy = self.build_trained_model()
+        if self.adapter is None and self.reference is None and not self.cached_logps:
             self.reference = freeze(build_model(self.model_spec))
 
     @property
@@ -88,10 +94,16 @@ class DPOModule(ChatModule):
         return self
 
     def on_fit_start(self) -> None:
-        """With ``dpo.ref.precompute``: the reference log-probs of every pair, then the reference is freed."""
-        if self.dpo.ref.precompute and self.reference is not None:
+        """With ``dpo.ref.precompute``: the reference log-probs of every pair, then the reference is freed
+        (with an adapter there is nothing to free: the reference is the policy's frozen base)."""
+        if self.dpo.ref.precompute and not self.cached_logps:
             self.cached_logps = self.reference_cache.fill(self)
-            release(self)
+            if self.reference is not None:
+                release(self)
+
+    def reference_weights(self) -> torch.nn.Module:
+        """The network holding the reference's weights: the reference, or the adapted policy."""
+        return self.policy if self.adapter is not None else self.reference
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -101,6 +113,9 @@ class DPOModule(ChatModule):
             chosen, rejected = self.cached_logps[split]
             index = batch["index"].cpu()
             return torch.cat([chosen[index], rejected[index]]).to(self.device)
+        if self.adapter is not None:
+            with adapter_disabled(self.policy) as start_model:
+                return self.scores(start_model, batch).logps(self.dpo.average)
         return self.scores(self.reference, batch).logps(self.dpo.average)
 
     def _step(self, batch: dict[str, torch.Tensor], split: str, sums) -> torch.Tensor:

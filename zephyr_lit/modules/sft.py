@@ -5,7 +5,7 @@ micro-batches, all ranks), not a mean of per-micro-batch means. Each micro-batch
 window's label count (``window_tokens``, from ``WindowBatchSampler``) and contributes
 ``sum_nll / window_tokens`` (scaled for Lightning and the strategy by ``ChatModule.for_backward``).
 ``train/loss`` is logged once per window with the same global token mean; ``val/loss`` is the token
-mean over the whole validation set.
+mean over the whole validation set. With ``peft=lora|qlora`` only the adapter trains (``zephyr_lit/adapters.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from zephyr_lit.models import build_model
 from zephyr_lit.modules.base import ChatModule
 
 
@@ -32,7 +31,7 @@ class SFTModule(ChatModule):
         """Build the network here: under DeepSpeed ZeRO-3, Lightning runs this inside ``zero.Init``."""
         self.hold_zero3_loading_config()
         if self.model is None:
-            self.model = build_model(self.model_spec)
+            self.model = self.build_trained_model()
 
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zephyr_lit.plan.adapter import lora_layer_bytes_per_token, lora_parameters
 from zephyr_lit.plan.settings import Setup
 from zephyr_lit.plan.shape import ModelShape
 
@@ -28,6 +29,11 @@ def short_count(count: float) -> str:
         if count >= scale:
             return f"{count / scale:.3g}{unit}"
     return f"{count:.0f}"
+
+
+def trained_parameters(shape: ModelShape, setup: Setup) -> int:
+    """N, or with an adapter its parameters only (``adapter.lora_parameters``): the base is frozen."""
+    return lora_parameters(shape, setup.adapter) if setup.adapter else shape.num_parameters()
 
 
 # ---- resident -----------------------------------------------------------------------------------
@@ -54,20 +60,21 @@ def parameters(shape: ModelShape, setup: Setup) -> Row:
 
 
 def gradients(shape: ModelShape, setup: Setup) -> Row:
-    """N x g, divided by W from ZeRO stage 2 on."""
-    n, g, world = shape.num_parameters(), setup.gradient_bytes, setup.world_size
+    """N x g, divided by W from ZeRO stage 2 on (with an adapter N counts its parameters only)."""
+    n, g, world = trained_parameters(shape, setup), setup.gradient_bytes, setup.world_size
     if setup.strategy == "deepspeed" and setup.zero_stage >= 2:
         return Row("gradients", n * g / world, f"{short_count(n)} x {g} B / {world}")
     return Row("gradients", n * g, f"{short_count(n)} x {g} B")
 
 
 def optimizer_states(shape: ModelShape, setup: Setup) -> Row:
-    """DeepSpeed 16-bit: N x 12 (fp32 master + AdamW m, v); else N x 2w (m, v in the weights' dtype);
-    divided by W from ZeRO stage 1 on; 0 when offloaded."""
-    n, world = shape.num_parameters(), setup.world_size
-    per = 12 if setup.master_weights else 2 * setup.weight_bytes
+    """DeepSpeed 16-bit: N x 12 (fp32 master + AdamW m, v); else N x 2w (m, v in the trained weights' dtype;
+    an adapter's: fp32); divided by W from ZeRO stage 1 on; 0 when offloaded. Adapter: N = its parameters."""
+    n, world = trained_parameters(shape, setup), setup.world_size
+    per = 12 if setup.master_weights else 2 * setup.trained_bytes
     what = "fp32 master + AdamW m, v" if setup.master_weights else f"AdamW m, v in {'16-bit' if per == 4 else 'fp32'}"
-    base = f"{short_count(n)} x {per} B ({what})"
+    paged = "; paged: out to CPU memory when the GPU runs short" if setup.paged_optimizer else ""
+    base = f"{short_count(n)} x {per} B ({what}{paged})"
     if setup.strategy == "deepspeed" and setup.offload_optimizer:
         return Row("optimizer states", 0, base + " offloaded to CPU")
     if setup.strategy == "deepspeed" and setup.zero_stage >= 1:
@@ -89,12 +96,13 @@ def reference(shape: ModelShape, setup: Setup) -> Row:
 def communication_buffers(shape: ModelShape, setup: Setup) -> Row:
     """ZeRO-3: min(live models x (N - P), max(stage3_max_live_parameters, largest module)) x w gathered
     + reduce_bucket_size x g. ZeRO-1/2: (allgather x w + reduce x g) buckets, x 4.5 with overlap_comm.
-    DDP: N x g (its buckets) unless gradient_as_bucket_view. Otherwise 0."""
+    DDP: N_trained x g (its buckets) unless gradient_as_bucket_view. Otherwise 0. An adapter's reference
+    is the policy itself: one live model."""
     n, w, g = shape.num_parameters(), setup.weight_bytes, setup.gradient_bytes
     deepspeed = setup.strategy == "deepspeed"
     if deepspeed and setup.zero_stage == 3:
         persistent = shape.persistent_parameters(setup.param_persistence_threshold)
-        models = 2 if setup.module == "dpo" and not setup.ref_precompute else 1
+        models = 2 if setup.module == "dpo" and not setup.ref_precompute and setup.adapter is None else 1
         gathered = min((n - persistent) * models, max(setup.max_live_parameters, shape.largest_module()))
         return Row("ZeRO buffers", gathered * w + setup.reduce_bucket_size * g,
                    f"gathered params <= {short_count(gathered)} x {w} B (stage3_max_live_parameters) + reduce bucket "
@@ -106,8 +114,9 @@ def communication_buffers(shape: ModelShape, setup: Setup) -> Row:
         how = f"{factor:g} x (allgather {allgather} x {w} B + reduce {reduce} x {g} B)"
         return Row("ZeRO buffers", factor * buckets, how)
     if setup.strategy == "ddp" and not setup.gradient_as_bucket_view:
-        how = f"{short_count(n)} x {g} B (a copy of the gradients; gradient_as_bucket_view=false)"
-        return Row("DDP buckets", n * g, how)
+        trained = trained_parameters(shape, setup)
+        how = f"{short_count(trained)} x {g} B (a copy of the gradients; gradient_as_bucket_view=false)"
+        return Row("DDP buckets", trained * g, how)
     return Row("ZeRO buffers", 0, "none (stage 0)" if deepspeed else "none (no DeepSpeed)")
 
 
@@ -128,13 +137,26 @@ def layer_bytes_per_token(shape: ModelShape, setup: Setup, seq: int) -> float:
     return norms + attention + 4 * a * i
 
 
+def adapter_layer_bytes(shape: ModelShape, setup: Setup) -> int:
+    """With an adapter ``adapter.lora_layer_bytes_per_token`` for the run's dtypes, else 0: s = a under
+    autocast or DeepSpeed 16-bit, else the adapter's fp32; the adapter's input is a copy when dropout > 0
+    or when the adapter's dtype differs from the activations' (peft casts the input to it)."""
+    if setup.adapter is None:
+        return 0
+    a = setup.activation_bytes
+    saved = a if setup.autocast or setup.master_weights else setup.trained_bytes
+    copies = setup.adapter.dropout > 0 or setup.trained_bytes != a
+    return lora_layer_bytes_per_token(shape, setup.adapter, a, saved, copies)
+
+
 def activations(shape: ModelShape, setup: Setup) -> Row:
-    """T = rows x s tokens (padded rows, packed rows or a flash (1, N) row alike), c = per-layer bytes:
+    """T = rows x s tokens (padded rows, packed rows or a flash (1, N) row alike), c = per-layer bytes
+    (``layer_bytes_per_token`` + ``adapter_layer_bytes``):
     checkpointed L x T x h x a (layer inputs) + T x c (one layer recomputed), else L x T x c;
     + T x a (3i + 2h) (the backward's working gradients) + T (4h + 2ah) (final norm)
     + rows x s x s mask for sdpa (1 B) / eager (a B)."""
     a, h, i, s, rows = setup.activation_bytes, shape.hidden, shape.intermediate, setup.max_length, setup.rows
-    tokens, per_layer = rows * s, layer_bytes_per_token(shape, setup, s)
+    tokens, per_layer = rows * s, layer_bytes_per_token(shape, setup, s) + adapter_layer_bytes(shape, setup)
     working, final_norm = tokens * a * (3 * i + 2 * h), tokens * (4 * h + 2 * a * h)
     mask = 0
     if setup.attn_implementation in ("sdpa", "eager"):
@@ -148,6 +170,8 @@ def activations(shape: ModelShape, setup: Setup) -> Row:
         how = f"{shape.layers} layers x {tokens:,} tok x {per_layer / 1024:.0f} KiB/tok + backward grads"
     if mask:
         how += f" + {rows}x{s}x{s} mask"
+    if setup.adapter is not None:
+        how += f" (LoRA: {adapter_layer_bytes(shape, setup) / 1024:+.0f} KiB/tok per layer)"
     return Row("activations", stored + working + final_norm + mask, how, phase="train")
 
 
@@ -198,24 +222,27 @@ def lm_head_no_grad_bytes(labelled: int, vocab: int, hidden: int, activation_byt
 
 
 def lm_head(shape: ModelShape, setup: Setup) -> Row:
-    """The policy's ``lm_head_training_bytes`` at ``labelled_positions(rows, s)``. DPO's reference head
-    (no grad) runs before the backward and peaks lower; RPO's NLL reuses the same log-probs."""
+    """The policy's ``lm_head_training_bytes`` at ``labelled_positions(rows, s)``; with an adapter the head is
+    frozen (no weight gradient). DPO's reference head (no grad) runs before the backward and peaks lower;
+    RPO's NLL reuses the same log-probs."""
     a, vocab, chunk_tokens = setup.activation_bytes, shape.vocab, setup.chunk_tokens
     labelled = labelled_positions(setup.rows, setup.max_length)
     chunk = min(chunk_tokens, labelled)
-    total = lm_head_training_bytes(labelled, vocab, shape.hidden, a, chunk_tokens, setup.gradient_bytes)
+    head_grad = 0 if setup.adapter else setup.gradient_bytes
+    total = lm_head_training_bytes(labelled, vocab, shape.hidden, a, chunk_tokens, head_grad)
     what = "completion" if setup.module == "dpo" else "labelled"
     passes = f" in up to {setup.passes} passes" if setup.passes > 1 else ""
     how = (f"{labelled:,} {what} pos{passes}: fp32 logits kept <= {labelled:,} x {vocab} x 4 B + 1 chunk's backward "
-           f"<= {chunk:,} x {vocab} x 12 B + labelled hidden and head grads")
+           f"<= {chunk:,} x {vocab} x 12 B + labelled hidden{' and head' * (not setup.adapter)} grads")
     return Row("LM head", total, how, phase="train")
 
 
 # ---- the other phases ------------------------------------------------------------------------------
 def optimizer_step(shape: ModelShape, setup: Setup) -> Row:
     """DeepSpeed 16-bit: min(N / W (ZeRO >= 1) or N, sub_group_size) x 8 (fp32 gradients of one
-    sub-group + AdamW's fp32 scratch); 0 when the optimizer is offloaded; plain AdamW: N x w (a scratch)."""
-    n, w, world = shape.num_parameters(), setup.weight_bytes, setup.world_size
+    sub-group + AdamW's fp32 scratch); 0 when the optimizer is offloaded; plain AdamW: N x w (a scratch).
+    With an adapter N and w are its own."""
+    n, w, world = trained_parameters(shape, setup), setup.trained_bytes, setup.world_size
     deepspeed = setup.strategy == "deepspeed"
     if deepspeed and setup.offload_optimizer:
         return Row("optimizer step", 0, "on CPU (offload_optimizer)", phase="step")
@@ -245,11 +272,11 @@ def validation(shape: ModelShape, setup: Setup) -> Row:
 
 
 def reference_precompute(shape: ModelShape, setup: Setup) -> Row | None:
-    """DPO with ``dpo.ref.precompute``: the reference's weights (``weights_on_gpu``) + ``no_grad_pass_bytes``;
-    None otherwise."""
+    """DPO with ``dpo.ref.precompute``: the reference's weights (``weights_on_gpu``; none with an adapter: the
+    policy with its adapter off) + ``no_grad_pass_bytes``; None otherwise."""
     if setup.module != "dpo" or not setup.ref_precompute:
         return None
-    weights, _ = weights_on_gpu(shape, setup, "reference")
+    weights = 0 if setup.adapter else weights_on_gpu(shape, setup, "reference")[0]
     pass_bytes, tokens, _ = no_grad_pass_bytes(shape, setup)
     return Row("ref precompute", weights + pass_bytes, f"reference weights ({weights / 1024**3:.2f} GiB) + no-grad "
                f"pass over {tokens:,} tok (1 layer + LM head)", phase="precompute")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zephyr_lit.plan import memory
+from zephyr_lit.plan import adapter_memory, memory
 from zephyr_lit.plan.memory import Row
 from zephyr_lit.plan.settings import CONF_DIR, GIB, Setup, compose_config, setup_from_config
 from zephyr_lit.plan.shape import ModelShape, resolve_shape
@@ -20,6 +20,11 @@ PHASE_NAMES = {
 ROWS = (
     memory.parameters, memory.gradients, memory.optimizer_states, memory.reference, memory.communication_buffers,
     memory.activations, memory.lm_head, memory.optimizer_step, memory.validation, memory.reference_precompute,
+)
+ADAPTER_ROWS = (  # peft=lora|qlora: a frozen base, the adapter trains, the reference is the policy itself
+    adapter_memory.base_weights, adapter_memory.adapter_weights, memory.gradients, memory.optimizer_states,
+    adapter_memory.reference, memory.communication_buffers, memory.activations, memory.lm_head,
+    adapter_memory.dequantized_weight, memory.optimizer_step, memory.validation, memory.reference_precompute,
 )
 
 
@@ -47,10 +52,10 @@ class Plan:
 
 
 def plan_memory(shape: ModelShape, setup: Setup) -> Plan:
-    """Every row of ``ROWS``; then total = resident + the largest phase + overhead, with
-    overhead = context_gib + overhead_fraction x (resident + the largest phase)."""
+    """Every row of ``ROWS`` (``ADAPTER_ROWS`` with an adapter); then total = resident + the largest phase
+    + overhead, with overhead = context_gib + overhead_fraction x (resident + the largest phase)."""
     setup.check()
-    rows = [row for row in (f(shape, setup) for f in ROWS) if row is not None]
+    rows = [row for row in (f(shape, setup) for f in (ADAPTER_ROWS if setup.adapter else ROWS)) if row is not None]
     phase_bytes = {p: sum(r.bytes for r in rows if r.phase == p) for p in PHASES}
     peak = max(phase_bytes, key=phase_bytes.get)
     for r in rows:
@@ -109,7 +114,9 @@ def header_lines(plan: Plan, title: str, model_name: str) -> list[str]:
     if s.master_weights:
         precision += ", fp32 master weights"
     module = s.module
-    if s.module == "dpo":
+    if s.module == "dpo" and s.adapter:
+        module += " (reference = the policy with its adapter off" + (", precomputed)" if s.ref_precompute else ")")
+    elif s.module == "dpo":
         module += " (policy + frozen reference" + (", precomputed)" if s.ref_precompute else ")")
     if s.nodes * s.devices == s.world_size:
         world = f" ({s.nodes} node{'s' * (s.nodes != 1)} x {s.devices} device{'s' * (s.devices != 1)})"
@@ -126,6 +133,7 @@ def header_lines(plan: Plan, title: str, model_name: str) -> list[str]:
         f"  strategy    {describe_strategy(s)}",
         f"  layers      gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.attn_implementation}",
         f"  loss        {describe_loss(s)}",
+        *([f"  adapter     {s.adapter.describe(shape)}"] if s.adapter else []),
         "",
     ]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zephyr_lit.errors import UserInputError
+from zephyr_lit.plan.adapter import Adapter, adapter_from_config, adapter_problems
 
 GIB = 1024**3
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -80,6 +81,8 @@ class Setup:
     overhead_fraction: float = 0.10
     nodes: int = 1
     devices: int = 1
+    adapter: Adapter | None = None  # peft=lora|qlora: only the adapter trains
+    paged_optimizer: bool = False  # optim=paged_adamw_32bit: the states can be paged out to CPU memory
 
     @property
     def master_weights(self) -> bool:
@@ -93,9 +96,22 @@ class Setup:
         return DTYPE_BYTES[self.model_dtype]
 
     @property
+    def trained_bytes(self) -> int:
+        """The trained weights: the model's (``weight_bytes``), or an adapter's: fp32 (peft keeps adapters in
+        fp32 over a 16-bit base), 16-bit under DeepSpeed 16-bit (the engine casts the whole module)."""
+        if self.adapter is None:
+            return self.weight_bytes
+        return 2 if self.master_weights else 4
+
+    @property
     def gradient_bytes(self) -> int:
-        """DeepSpeed 16-bit: 2 B; otherwise the weights' dtype."""
-        return 2 if self.master_weights else self.weight_bytes
+        """DeepSpeed 16-bit: 2 B; otherwise the trained weights' dtype."""
+        return 2 if self.master_weights else self.trained_bytes
+
+    @property
+    def autocast(self) -> bool:
+        """Lightning's mixed precision outside DeepSpeed: matmuls cast their inputs to 16 bit."""
+        return self.strategy != "deepspeed" and self.precision in ("bf16-mixed", "16-mixed", "bf16", "16")
 
     @property
     def activation_bytes(self) -> int:
@@ -136,6 +152,7 @@ def _problems(s: Setup) -> list[str]:
         s.chunk_tokens < 1 and f"chunk_tokens={s.chunk_tokens}: must be >= 1",
         s.gpu_memory_gib <= 0 and f"--gpu-memory-gib {s.gpu_memory_gib}: must be > 0",
         (s.context_gib < 0 or s.overhead_fraction < 0) and "--context-gib and --overhead-fraction must be >= 0",
+        *(adapter_problems(s.adapter, s.zero_stage if s.strategy == "deepspeed" else None) if s.adapter else []),
     ]
 
 
@@ -272,6 +289,8 @@ def setup_from_config(cfg, world_size: int | None = None, **extra) -> Setup:
         packing=module == "sft" and bool(data.get("packing", False)),
         assistant_only_loss=module == "dpo" or bool(data.get("assistant_only_loss", True)),
         length_groups=int(cfg.module.get("length_groups", 1) or 1),
+        adapter=adapter_from_config(cfg),
+        paged_optimizer="Paged" in str(cfg.optim.optimizer.get("_target_", "")),
         **strategy_from_config(cfg, world),
         **extra,
     )

@@ -82,27 +82,26 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def linears(self) -> list[tuple[str, int, int]]:
+        """One decoder layer's linear layers as ``(name, d_in, d_out)``, in model order (the LM head is not
+        among them)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
     def modules(self) -> list[tuple[str, list[int]]]:
         """Every module with parameters and the element counts of its tensors, in model order."""
-        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        h = self.hidden
+        attention, mlp = self.linears()[:4], self.linears()[4:]
 
-        def linear(n_in: int, n_out: int, bias: bool) -> list[int]:
-            return [n_in * n_out] + ([n_out] if bias else [])
+        def linears(prefix: str, specs: list[tuple[str, int, int]], bias: bool) -> list[tuple[str, list[int]]]:
+            return [(prefix + name, [n_in * n_out] + ([n_out] if bias else [])) for name, n_in, n_out in specs]
 
         out = [("embed_tokens", [self.vocab * h])]
         for layer in range(self.layers):
             p = f"layers.{layer}."
-            out += [
-                (p + "input_layernorm", [h]),
-                (p + "q_proj", linear(h, q, self.attention_bias)),
-                (p + "k_proj", linear(h, kv, self.attention_bias)),
-                (p + "v_proj", linear(h, kv, self.attention_bias)),
-                (p + "o_proj", linear(q, h, self.attention_bias)),
-                (p + "post_attention_layernorm", [h]),
-                (p + "gate_proj", linear(h, i, self.mlp_bias)),
-                (p + "up_proj", linear(h, i, self.mlp_bias)),
-                (p + "down_proj", linear(i, h, self.mlp_bias)),
-            ]
+            out += [(p + "input_layernorm", [h]), *linears(p, attention, self.attention_bias),
+                    (p + "post_attention_layernorm", [h]), *linears(p, mlp, self.mlp_bias)]
         out.append(("norm", [h]))
         if not self.tied:
             out.append(("lm_head", [self.vocab * h]))
