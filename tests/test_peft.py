@@ -166,3 +166,29 @@ def test_a_random_init_base_is_quantised_from_the_same_seeded_weights():
     expected = full.model.layers[1].self_attn.o_proj.weight
     error = (restored - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.2  # 0.12: NF4's 16 levels of this very init (against seed 12's init: 1.5)
+
+
+def adapter_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_no_grad_eval_pass_leaves_the_4bit_layers_gradients_as_they_were(start_model):
+    """dDPO's reference pass (eval, no grad) runs on the very 4-bit layers that then train. bitsandbytes
+    repacks a CPU 4-bit weight in place on its first such pass; the adapter's gradients afterwards must
+    still be those of a model that never ran one (``models.keep_4bit_layout``)."""
+    spec = ModelSpec(name_or_path=start_model)
+    adapter = AdapterSpec(method="qlora", r=8, alpha=16, dropout=0.0)
+    model = build_trained_model(spec, adapter)
+    randomise_adapter(model)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = adapter_grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # the reference pass
+    model.train()
+    after = adapter_grads(model, ids)
+    assert len(before) == 2 * LINEAR_LAYERS
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, rtol=1e-5, atol=1e-7, msg=name)
