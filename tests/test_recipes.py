@@ -1,7 +1,8 @@
 """The README's promises, checked on the embedded recipes as shipped (about 3 minutes, slow-marked; the
 dSFT run is the session's shared ``embedded_dsft``):
 `+experiment=dsft` halves the held-out loss and its export answers the Zephyr model card's pirate
-prompt in pirate voice; `+experiment=ddpo` then ranks held-out chosen replies above rejected ones."""
+prompt in pirate voice; `+experiment=ddpo` then ranks held-out chosen replies above rejected ones, also
+with `peft=lora` and `peft=qlora`."""
 
 from __future__ import annotations
 
@@ -47,3 +48,20 @@ def test_dsft_then_ddpo_recipes(tmp_path, hf_cache, embedded_dsft):
     # 0.818 -> 0.800 on another).
     one_answer = 1 / 55
     assert ddpo["metrics"]["val/exact_match"] >= summary["metrics"]["val/exact_match"] - one_answer - 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_ddpo_with_an_adapter_from_the_dsft_export(tmp_path, hf_cache, embedded_dsft, method):
+    """``python train.py +experiment=ddpo peft=lora|qlora`` from the dSFT export, as shipped: the reference
+    is the policy with its adapter off (rewards exactly 0 before step 1), held-out accuracy >= 0.9, and
+    both exports: the peft adapter folder and the merged model, which chats through ``pipeline``."""
+    run = train_recipe("ddpo", tmp_path, hf_cache, f"peft={method}", f"model.name_or_path={embedded_dsft.model}")
+    summary = run.summary
+    assert summary["initial_metrics"]["val/rewards/margins"] == 0.0
+    assert summary["metrics"]["val/rewards/accuracies"] >= 0.9, summary["metrics"]
+    assert (run.model.parent / "adapter" / "adapter_config.json").is_file()
+    assert run.model.name == "model" and not (run.model / "adapter_config.json").exists()  # plain transformers
+    pipe = pipeline("text-generation", model=str(run.model), dtype=torch.float32)
+    reply = pipe([QUESTION], max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and reply["content"].strip(), reply
