@@ -192,3 +192,21 @@ def test_a_no_grad_eval_pass_leaves_the_4bit_layers_gradients_as_they_were(start
     assert len(before) == 2 * LINEAR_LAYERS
     for name, grad in before.items():
         torch.testing.assert_close(after[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_with_gradient_checkpointing_the_adapter_gets_the_gradients_it_gets_without(start_model):
+    """``model.gradient_checkpointing=true`` with an adapter: the embeddings' output requires grad (as peft
+    needs for checkpointed blocks under a frozen base) and every A and B gets the same gradient as
+    without checkpointing."""
+    adapter = AdapterSpec(method="lora", r=8, alpha=16, dropout=0.0)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for checkpointing in (False, True):
+        model = build_trained_model(ModelSpec(name_or_path=start_model, gradient_checkpointing=checkpointing), adapter)
+        randomise_adapter(model)
+        grads[checkpointing] = adapter_grads(model, ids)
+    assert model.get_input_embeddings()(ids).requires_grad
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * LINEAR_LAYERS
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
