@@ -8,7 +8,6 @@ See README.md for the config groups and the override keys.
 """
 
 import logging
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import zephyr_lit.config  # noqa: F401  (registers ${asset:...} and ${run_stamp:} before Hydra composes)
-from zephyr_lit.errors import UserInputError
+from zephyr_lit.errors import UserInputError, one_line_errors
 from zephyr_lit.launch import lightning_spawns, multirun_spawn_error, pin_run_stamp
 
 
@@ -33,15 +32,12 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:  # each job's folder is the sweep's numbered subfolder
         cfg.paths.output_dir = hydra_cfg.runtime.output_dir
-    try:
+    with one_line_errors():
         # Lightning would start the other local ranks by re-running sys.argv, `-m` and all: each child
         # would start the sweep again (Lightning #11300). Only a cluster (srun, torchrun) may create them.
         if multirun and lightning_spawns(cfg.trainer, cfg.strategy):
             raise UserInputError(multirun_spawn_error())
         train(cfg, overrides=list(hydra_cfg.overrides.task), update_latest=not multirun)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import zephyr_lit.config  # noqa: F401  (registers ${asset:...} and ${run_stamp:} before Hydra composes)
-from zephyr_lit.errors import UserInputError
+from zephyr_lit.errors import one_line_errors
 from zephyr_lit.launch import pin_run_stamp
 
 
@@ -34,11 +34,8 @@ def main(cfg: DictConfig) -> None:
             print("error: a sweep (-m) runs each job in one process here: set distributed.devices=1, or launch "
                   "each job under torchrun / srun", file=sys.stderr)
             sys.exit(2)
-    try:
+    with one_line_errors():
         distill(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

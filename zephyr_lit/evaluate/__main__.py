@@ -9,13 +9,11 @@
 See README.md, "Evaluate", and conf/evaluate.yaml with conf/task/ for every key.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 import zephyr_lit.config  # noqa: F401  (registers ${asset:...} and ${run_stamp:} before Hydra composes)
-from zephyr_lit.errors import UserInputError
+from zephyr_lit.errors import one_line_errors
 from zephyr_lit.launch import pin_run_stamp
 
 
@@ -23,11 +21,8 @@ from zephyr_lit.launch import pin_run_stamp
 def main(cfg: DictConfig) -> None:
     from zephyr_lit.evaluate.app import evaluate
 
-    try:
+    with one_line_errors():
         evaluate(cfg)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
