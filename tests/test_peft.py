@@ -210,3 +210,17 @@ def test_with_gradient_checkpointing_the_adapter_gets_the_gradients_it_gets_with
     for name, grad in grads[False].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_loading_a_4bit_model_does_not_warn_about_the_cpu_kernel_it_never_uses(start_model):
+    """bitsandbytes' import-time warning about its repacked-layout CPU kernel (unusable offline, and
+    never used: ``keep_4bit_layout``) stays out of a qlora run's output."""
+    import subprocess
+    import sys
+
+    code = ("from zephyr_lit.adapters import AdapterSpec, quantization_config\n"
+            "from zephyr_lit.models import ModelSpec, build_model\n"
+            f"build_model(ModelSpec(name_or_path={start_model!r}), quantization_config(AdapterSpec(method='qlora')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gemm_4bit_forward" not in done.stderr + done.stdout

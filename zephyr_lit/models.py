@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ from zephyr_lit.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bitsandbytes >= 0.50, on a CPU with AVX512-BF16, tries at import to fetch a hub kernel for the repacked
+# CPU 4-bit layout and warns when it cannot (offline, untrusted). keep_4bit_layout switches that layout
+# off, so the kernel is never used: the warning would only mislead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass
