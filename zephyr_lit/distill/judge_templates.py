@@ -11,7 +11,6 @@ interchangeable. ``read_back`` inverts a filled template, for the rule judge.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from zephyr_lit.errors import DataError
+from zephyr_lit.jsonl import read_jsonl
 
 # (multi-turn, with a reference) -> the entry's name; the names are FastChat's
 SINGLE = {(False, False): "single-v1", (False, True): "single-math-v1",
@@ -57,14 +57,8 @@ class JudgePrompt:
 def load_judge_prompts(path: str | Path) -> dict[str, JudgePrompt]:
     """Every entry of ``path`` by name; a bad line is a ``DataError`` naming the file, line and field."""
     prompts: dict[str, JudgePrompt] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path):
         where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not JSON ({error.msg}); one judge prompt object per line") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
         for key in FIELDS:

@@ -30,7 +30,8 @@ from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.distill.judge_templates import PAIR, TIE, JudgePrompt, load_judge_prompts, parse_choice, pick
 from zephyr_lit.errors import DataError
 from zephyr_lit.evaluate.answers import Conversation, answer_conversations
-from zephyr_lit.evaluate.inputs import read_alpaca, write_json
+from zephyr_lit.evaluate.inputs import read_alpaca
+from zephyr_lit.jsonl import write_json
 from zephyr_lit.evaluate.judging import JudgeSettings, ask_judge, file_name, judge_problems, judge_settings, judge_unit
 from zephyr_lit.generation import Backend, Sampling
 

@@ -1,19 +1,17 @@
-"""The evaluation files read and written: FastChat's ``llm_judge`` questions and answers, AlpacaEval's sets.
+"""The evaluation files read: FastChat's ``llm_judge`` questions and answers, AlpacaEval's sets.
 
 Every reader checks each row and raises one ``DataError`` line naming the file, the row (1-based line
-or list index), the field and what to do, before any model loads. ``write_jsonl`` / ``write_json``
-replace a file in one rename (``atomic_write``): a killed run leaves the previous complete file.
+or list index), the field and what to do, before any model loads. Lines are read, and the task's files written atomically, by ``zephyr_lit.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zephyr_lit.checkpointing import atomic_write
 from zephyr_lit.errors import DataError
+from zephyr_lit.jsonl import read_jsonl
 
 QuestionId = int | str
 
@@ -26,18 +24,6 @@ class Question:
     category: str
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
-    """(line number, parsed value) of every non-empty line; a line that is not JSON is a DataError."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: not JSON ({error.msg}); one object per line") from None
-    return rows
 
 
 def strings(value: object, where: str, field: str, count: tuple[int, ...]) -> tuple[str, ...]:
@@ -107,15 +93,3 @@ def read_alpaca(path: str | Path, needs_output: bool) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return [row for _, row in rows]
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """One JSON object a line, replacing ``path`` atomically."""
-    with atomic_write(path, encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_json(path: Path, value: object) -> None:
-    """``value`` as indented JSON, replacing ``path`` atomically."""
-    with atomic_write(path, encoding="utf-8") as handle:
-        handle.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

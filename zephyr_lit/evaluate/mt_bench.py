@@ -30,7 +30,8 @@ from zephyr_lit.distill.judge_templates import SINGLE, JudgePrompt, load_judge_p
 from zephyr_lit.distill.rate import Unit
 from zephyr_lit.errors import DataError
 from zephyr_lit.evaluate.answers import Conversation, answer_conversations, answer_id
-from zephyr_lit.evaluate.inputs import Question, read_answer_turns, read_jsonl, read_questions, write_jsonl
+from zephyr_lit.evaluate.inputs import Question, read_answer_turns, read_questions
+from zephyr_lit.jsonl import read_jsonl, write_jsonl
 from zephyr_lit.evaluate.judging import (JudgeSettings, ask_judge, file_name, judge_problems, judge_settings,
                                          judge_unit, user_prompt)
 from zephyr_lit.evaluate.results import UNRATED, format_table, plot_categories, score_table, write_csv

@@ -32,7 +32,7 @@ from zephyr_lit.config import dpo_problems
 from zephyr_lit.data.preference import PreferenceDataModule
 from zephyr_lit.data.validate import BAD_ROWS
 from zephyr_lit.evaluate.app import resolve_model
-from zephyr_lit.evaluate.inputs import write_json
+from zephyr_lit.jsonl import write_json
 from zephyr_lit.models import ATTENTION_IMPLEMENTATIONS, DTYPES, ModelSpec, build_model, load_tokenizer
 from zephyr_lit.modules.dpo import DPOModule
 from zephyr_lit.reference import ReferenceSettings, freeze
