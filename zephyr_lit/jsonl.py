@@ -34,3 +34,14 @@ def write_json(path: Path, value: object) -> None:
     """``value`` as indented JSON, replacing ``path`` atomically."""
     with atomic_write(path, encoding="utf-8") as handle:
         handle.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def string_fields(row: object, where: str, fields: tuple[str, ...]) -> dict:
+    """``row``, checked to be an object whose ``fields`` all hold strings; else a DataError naming
+    ``where`` (file and line or row) and the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with {', '.join(fields)}")
+    for field in fields:
+        if not isinstance(row.get(field), str):
+            raise DataError(f"{where}, field {field!r}: missing or not a string", field=field)
+    return row

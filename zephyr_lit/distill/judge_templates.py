@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from zephyr_lit.errors import DataError
-from zephyr_lit.jsonl import read_jsonl
+from zephyr_lit.jsonl import read_jsonl, string_fields
 
 # (multi-turn, with a reference) -> the entry's name; the names are FastChat's
 SINGLE = {(False, False): "single-v1", (False, True): "single-math-v1",
@@ -59,11 +59,7 @@ def load_judge_prompts(path: str | Path) -> dict[str, JudgePrompt]:
     prompts: dict[str, JudgePrompt] = {}
     for number, row in read_jsonl(path):
         where = f"{path} line {number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
-        for key in FIELDS:
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{where}, field {key!r}: missing or not a string", field=key)
+        string_fields(row, where, FIELDS)
         prompt = JudgePrompt(**{key: row[key] for key in FIELDS}, category=row.get("category"))
         try:
             prompt.fields

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zephyr_lit.errors import DataError
-from zephyr_lit.jsonl import read_jsonl
+from zephyr_lit.jsonl import read_jsonl, string_fields
 
 QuestionId = int | str
 
@@ -84,12 +84,7 @@ def read_alpaca(path: str | Path, needs_output: bool) -> list[dict]:
         rows = [(number - 1, row) for number, row in read_jsonl(path)]
     fields = ("instruction", "output") if needs_output else ("instruction",)
     for index, row in rows:
-        where = f"{path} row {index}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with {', '.join(fields)}")
-        for field in fields:
-            if not isinstance(row.get(field), str):
-                raise DataError(f"{where}, field {field!r}: missing or not a string", field=field)
+        string_fields(row, f"{path} row {index}", fields)
     if not rows:
         raise DataError(f"{path}: no rows")
     return [row for _, row in rows]
